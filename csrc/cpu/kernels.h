@@ -1,0 +1,1104 @@
+// The CPU kernels of rose_kernels: SCORE (sums of squares, element score statistics), SELECT
+// (exact quantile thresholds) and UPDATE (the masked AdamW step), for many tensors per call.
+//
+// This header is compiled once per CPU capability (kernels_{default,avx2,avx512}.cpp, flags in
+// setup.py); everything lives in namespace CPU_CAPABILITY so the copies never meet at link time.
+// The semantics are ../../shared/docs/rose-semantics.md; rose_kernels/reference.py is the oracle.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <chrono>
+#include <cstdio>
+#define ROSE_T0 auto _t0 = std::chrono::steady_clock::now();
+#define ROSE_T(name) if (std::getenv("ROSE_TIMING")) { auto _t1 = std::chrono::steady_clock::now(); fprintf(stderr, "%s %.3f ms\n", name, std::chrono::duration<double, std::milli>(_t1 - _t0).count()); _t0 = _t1; }
+
+#include "cpu/dispatch.h"
+
+namespace rose_kernels::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Work is split into chunks of this many elements across all tensors of a call. A multiple of 64
+// so that chunks of a 1-bit mask start on whole 64-bit words; 64 Ki elements (256 KiB of fp32)
+// keeps per-chunk overhead under 1% while giving 2 threads ~350 chunks on a 22.7M-param model.
+constexpr int64_t kChunk = 1 << 16;
+
+template <typename T>
+struct OpMath { using type = float; };
+template <>
+struct OpMath<double> { using type = double; };
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+inline std::vector<Chunk> make_chunks(const TensorList& xs) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(xs.size()); ++t) {
+    const int64_t n = xs[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return chunks;
+}
+
+// Loads `count` (<= Vec::size()) scalar_t values as opmath values, zero-filling the rest.
+template <typename opmath_t, typename scalar_t>
+inline Vectorized<opmath_t> load_as(const scalar_t* ptr, int64_t count = Vectorized<opmath_t>::size()) {
+  using Vec = Vectorized<opmath_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    if (count == Vec::size()) return Vec::loadu(ptr);
+    __at_align__ opmath_t tmp[Vec::size()] = {};
+    std::memcpy(tmp, ptr, count * sizeof(opmath_t));
+    return Vec::loadu(tmp);
+  } else {
+    __at_align__ opmath_t tmp[Vec::size()] = {};
+    for (int64_t k = 0; k < count; ++k) tmp[k] = static_cast<opmath_t>(ptr[k]);
+    return Vec::loadu(tmp);
+  }
+}
+
+// Stores `count` lanes, rounding to scalar_t (round-to-nearest-even for bf16/fp16, as c10 does).
+template <typename scalar_t, typename opmath_t>
+inline void store_as(scalar_t* ptr, const Vectorized<opmath_t>& v,
+                     int64_t count = Vectorized<opmath_t>::size()) {
+  using Vec = Vectorized<opmath_t>;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    v.store(ptr, count);
+  } else {
+    __at_align__ opmath_t tmp[Vec::size()];
+    v.store(tmp);
+    for (int64_t k = 0; k < count; ++k) ptr[k] = static_cast<scalar_t>(tmp[k]);
+  }
+}
+
+template <typename opmath_t>
+inline double sum_lanes(const Vectorized<opmath_t>& v) {
+  __at_align__ opmath_t tmp[Vectorized<opmath_t>::size()];
+  v.store(tmp);
+  double s = 0;
+  for (int64_t k = 0; k < Vectorized<opmath_t>::size(); ++k) s += static_cast<double>(tmp[k]);
+  return s;
+}
+
+// Calls f with a null pointer of the tensor's element type (float, double, bfloat16, half).
+template <typename F>
+inline void dispatch_float_type(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kDouble: f(static_cast<double*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "rose_kernels: unsupported dtype ", type);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// SCORE: sums of squares
+// ------------------------------------------------------------------------------------------------
+
+// fp32 lanes accumulate blocks of 1024 elements (<= 128 terms per lane on AVX2, relative error
+// ~1e-7), blocks add up in float64: as fast as a pure-fp32 sum, as accurate as the reference's
+// float64 sum to ~1e-7 on any tensor size.
+template <typename scalar_t>
+double sumsq_range(const scalar_t* x, int64_t n) {
+  using opmath_t = typename OpMath<scalar_t>::type;
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t kBlock = 1024;
+  constexpr int64_t W = Vec::size();
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    Vec acc0(0), acc1(0), acc2(0), acc3(0);
+    int64_t i = b;
+    for (; i + 4 * W <= e; i += 4 * W) {
+      Vec x0 = load_as<opmath_t>(x + i), x1 = load_as<opmath_t>(x + i + W);
+      Vec x2 = load_as<opmath_t>(x + i + 2 * W), x3 = load_as<opmath_t>(x + i + 3 * W);
+      acc0 = at::vec::fmadd(x0, x0, acc0);
+      acc1 = at::vec::fmadd(x1, x1, acc1);
+      acc2 = at::vec::fmadd(x2, x2, acc2);
+      acc3 = at::vec::fmadd(x3, x3, acc3);
+    }
+    for (; i < e; i += W) {
+      Vec x0 = load_as<opmath_t>(x + i, std::min(W, e - i));
+      acc0 = at::vec::fmadd(x0, x0, acc0);
+    }
+    total += sum_lanes((acc0 + acc1) + (acc2 + acc3));
+  }
+  return total;
+}
+
+inline void sumsq(const TensorList& xs, double* out) {
+  const auto chunks = make_chunks(xs);
+  std::vector<double> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      dispatch_float_type(xs[ch.tensor].scalar_type(), [&](auto* tag) {
+        using scalar_t = std::remove_pointer_t<decltype(tag)>;
+        partial[c] = sumsq_range(xs[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
+      });
+    }
+  });
+  // Chunks are summed in a fixed order: the result does not depend on the thread count.
+  for (size_t t = 0; t < xs.size(); ++t) out[t] = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) out[chunks[c].tensor] += partial[c];
+}
+
+// ------------------------------------------------------------------------------------------------
+// SELECT: exact order statistics of element scores
+// ------------------------------------------------------------------------------------------------
+//
+// A pool is a list of (a, b) tensor pairs. Score of element j: |a_j| when there is no b, else
+// |scale * a_j / b_j - 1|, undefined (left out of the pool) where b_j == 0. Scores are computed in
+// the opmath type (fp32 for fp32/bf16/fp16 inputs, fp64 for fp64) exactly as the reference does,
+// so both agree bit for bit on every score.
+//
+// Strategy (measured on 2 cores: a scalar 64 Ki-bucket histogram costs ~4 cycles/element, a
+// vectorised compare-and-count pass runs at memory speed):
+//  1. sample: a deterministic sample of ~(3N)^(2/3) scores (runs of 8 at even strides) gives,
+//     for each wanted rank, a bracket [x, y] of values that contains it with >= 6 sigma margin;
+//  2. one vectorised pass counts, per bracket, scores < x, == x, == y and gathers those in (x, y);
+//  3. if every wanted rank falls inside its bracket, nth_element on the small gathered set gives
+//     the exact value; otherwise (an unlucky sample, or huge ties inside a bracket) the radix path
+//     runs: histogram refinement on the order-preserving integer keys of the scores, 16 bits per
+//     pass, restricted to the prefixes holding the wanted ranks, until the keys are exact.
+// Pools up to kDirectPool scores are simply gathered whole.
+
+constexpr int64_t kDirectPool = 1 << 15;
+constexpr int kRadixBits = 16;
+
+template <typename opmath_t>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+  static constexpr int kValueBits = 31;  // scores are >= 0: the sign bit is always clear
+};
+template <>
+struct KeyOf<double> {
+  using type = uint64_t;
+  static constexpr int kValueBits = 63;
+};
+
+template <typename opmath_t>
+inline typename KeyOf<opmath_t>::type key_of(opmath_t s) {
+  typename KeyOf<opmath_t>::type k;
+  std::memcpy(&k, &s, sizeof(s));
+  return k;
+}
+template <typename opmath_t>
+inline opmath_t value_of(typename KeyOf<opmath_t>::type k) {
+  opmath_t s;
+  std::memcpy(&s, &k, sizeof(s));
+  return s;
+}
+
+struct PoolPart {
+  at::Tensor a;
+  at::Tensor b;  // undefined: score = |a|
+  double scale;  // c of |c * a / b - 1|
+};
+
+// Scores of one vector of elements. Lanes without a defined score (b == 0, or past `count`) are
+// set to NaN so that every later comparison is false for them; `invalid` marks those lanes.
+// Non-finite inputs are detected by accumulating x * 0 (0 for finite x, NaN otherwise): one FMA
+// per vector instead of a compare-and-or, since only "any non-finite?" is needed.
+template <typename opmath_t, typename scalar_t>
+struct ScoreSource {
+  const scalar_t* a;
+  const opmath_t* b;  // null: score = |a|
+  opmath_t scale;
+
+  inline void score(int64_t i, int64_t count, Vectorized<opmath_t>& s, Vectorized<opmath_t>& invalid,
+                    Vectorized<opmath_t>& nonfinite_acc) const {
+    using Vec = Vectorized<opmath_t>;
+    const Vec zero(0);
+    const Vec av = load_as<opmath_t>(a + i, count);
+    nonfinite_acc = at::vec::fmadd(av, zero, nonfinite_acc);
+    if (b == nullptr) {
+      s = av.abs();
+      invalid = zero;
+    } else {
+      const Vec bv = load_as<opmath_t>(b + i, count);
+      nonfinite_acc = at::vec::fmadd(bv, zero, nonfinite_acc);
+      s = (Vec(scale) * av / bv - Vec(1)).abs();
+      invalid = (bv == zero);
+    }
+    if (count < Vec::size()) {
+      __at_align__ opmath_t lanes[Vec::size()];
+      for (int64_t k = 0; k < Vec::size(); ++k) lanes[k] = k < count ? opmath_t(0) : opmath_t(1);
+      invalid = invalid | (Vec::loadu(lanes) != zero);
+    }
+    s = s | invalid;  // all-ones bits: NaN
+  }
+
+  inline bool score_one(int64_t i, opmath_t& s) const {
+    const opmath_t av = static_cast<opmath_t>(a[i]);
+    if (b == nullptr) {
+      s = std::abs(av);
+    } else {
+      const opmath_t bv = b[i];
+      if (bv == opmath_t(0)) return false;
+      s = std::abs(scale * av / bv - opmath_t(1));
+    }
+    return s == s;
+  }
+};
+
+// Visits every element of a pool (split over threads when `parallel`) as vectors of scores.
+template <typename opmath_t, typename F>
+void for_each_score_vector(const std::vector<PoolPart>& parts, bool parallel, F&& f) {
+  TensorList as;
+  for (const auto& p : parts) as.push_back(p.a);
+  const auto chunks = make_chunks(as);
+  auto body = [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const PoolPart& part = parts[ch.tensor];
+      dispatch_float_type(part.a.scalar_type(), [&](auto* tag) {
+        using scalar_t = std::remove_pointer_t<decltype(tag)>;
+        if constexpr (std::is_same_v<opmath_t, typename OpMath<scalar_t>::type>) {
+          ScoreSource<opmath_t, scalar_t> src{part.a.data_ptr<scalar_t>(),
+                                              part.b.defined() ? part.b.data_ptr<opmath_t>() : nullptr,
+                                              static_cast<opmath_t>(part.scale)};
+          f(src, ch.begin, ch.end);
+        } else {
+          TORCH_CHECK(false, "rose_kernels: mixed float64 and float32 tensors in one pool");
+        }
+      });
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, body);
+  } else {
+    body(0, static_cast<int64_t>(chunks.size()));
+  }
+}
+
+template <typename opmath_t>
+struct Wanted {
+  // Ranks whose values are needed (sorted, unique, < n) and their values once found.
+  std::vector<int64_t> ranks;
+  std::vector<opmath_t> values;
+};
+
+inline void wanted_ranks(int64_t n, double q, std::vector<int64_t>& ranks) {
+  if (n == 0) return;
+  const double r = q * static_cast<double>(n - 1);
+  const int64_t k = static_cast<int64_t>(std::floor(r));
+  ranks.push_back(std::min(k, n - 1));
+  if (r > static_cast<double>(k) && k + 1 < n) ranks.push_back(k + 1);
+}
+
+// quantile = x_k + (r - k) * (x_{k+1} - x_k), evaluated exactly as reference.quantile does.
+template <typename opmath_t>
+double interpolate(int64_t n, double q, const std::vector<int64_t>& ranks,
+                   const std::vector<opmath_t>& values) {
+  if (n == 0) return std::numeric_limits<double>::quiet_NaN();
+  const double r = q * static_cast<double>(n - 1);
+  const int64_t k = std::min(static_cast<int64_t>(std::floor(r)), n - 1);
+  const double frac = r - static_cast<double>(k);
+  auto value_at = [&](int64_t rank) {
+    const auto it = std::lower_bound(ranks.begin(), ranks.end(), rank);
+    return static_cast<double>(values[it - ranks.begin()]);
+  };
+  const double lo = value_at(k);
+  if (frac == 0.0 || k + 1 >= n) return lo;
+  const double hi = value_at(k + 1);
+  if (lo == hi) return lo;
+  return lo + frac * (hi - lo);
+}
+
+// Radix refinement: finds the exact value of each rank in `ranks` (ascending) among the pool's
+// defined scores. Memory: one 2^16-bucket histogram per distinct prefix and thread.
+template <typename opmath_t>
+void radix_select(const std::vector<PoolPart>& parts, bool parallel,
+                  const std::vector<int64_t>& ranks, std::vector<opmath_t>& values) {
+  using key_t = typename KeyOf<opmath_t>::type;
+  constexpr int kBits = KeyOf<opmath_t>::kValueBits;
+  constexpr int64_t kBuckets = int64_t(1) << kRadixBits;
+  const size_t nr = ranks.size();
+  std::vector<key_t> prefix(nr, 0);           // known high bits of each rank's key
+  std::vector<int64_t> rank_in_prefix(ranks);  // rank among the scores sharing that prefix
+  int known = 0;
+  const int nthreads = parallel ? at::get_num_threads() : 1;
+  while (known < kBits) {
+    const int digit_bits = std::min(kRadixBits, kBits - known);
+    const int shift = kBits - known - digit_bits;
+    // Distinct prefixes still being refined (at most 4: two ranks per threshold).
+    std::vector<key_t> targets;
+    for (size_t r = 0; r < nr; ++r)
+      if (std::find(targets.begin(), targets.end(), prefix[r]) == targets.end())
+        targets.push_back(prefix[r]);
+    const int64_t nt = static_cast<int64_t>(targets.size());
+    std::vector<int64_t> hist(static_cast<size_t>(nthreads) * nt * kBuckets, 0);
+    const int known_shift = kBits - known;  // key >> known_shift is the known prefix
+    const key_t digit_mask = (key_t(1) << digit_bits) - 1;
+    for_each_score_vector<opmath_t>(parts, parallel, [&](const auto& src, int64_t b, int64_t e) {
+      const int tid = parallel ? at::get_thread_num() : 0;
+      int64_t* h = hist.data() + static_cast<size_t>(tid) * nt * kBuckets;
+      for (int64_t i = b; i < e; ++i) {
+        opmath_t s;
+        if (!src.score_one(i, s)) continue;
+        const key_t k = key_of(s);
+        const key_t p = known == 0 ? key_t(0) : static_cast<key_t>(k >> known_shift);
+        for (int64_t t = 0; t < nt; ++t) {
+          if (p == targets[t]) {
+            ++h[t * kBuckets + static_cast<int64_t>((k >> shift) & digit_mask)];
+            break;
+          }
+        }
+      }
+    });
+    for (int tid = 1; tid < nthreads; ++tid)
+      for (int64_t j = 0; j < nt * kBuckets; ++j) hist[j] += hist[tid * nt * kBuckets + j];
+    for (size_t r = 0; r < nr; ++r) {
+      const int64_t t = std::find(targets.begin(), targets.end(), prefix[r]) - targets.begin();
+      const int64_t* h = hist.data() + t * kBuckets;
+      int64_t below = 0, d = 0;
+      const int64_t digits = int64_t(1) << digit_bits;
+      while (d < digits && below + h[d] <= rank_in_prefix[r]) below += h[d++];
+      TORCH_CHECK(d < digits, "rose_kernels: radix select lost a rank (internal error)");
+      rank_in_prefix[r] -= below;
+      prefix[r] = static_cast<key_t>((prefix[r] << digit_bits) | static_cast<key_t>(d));
+    }
+    known += digit_bits;
+  }
+  values.resize(nr);
+  for (size_t r = 0; r < nr; ++r) values[r] = value_of<opmath_t>(prefix[r]);
+}
+
+// Selects ranks of xs in ascending order, reordering xs. After nth_element at rank r, everything
+// left of r is <= xs[r] <= everything right of it, so rank r + 1 (the usual second rank of a
+// linear interpolation) is just the minimum of the right part.
+template <typename opmath_t>
+struct RankSelector {
+  std::vector<opmath_t>* xs;
+  int64_t pivot = -1;
+
+  opmath_t operator()(int64_t rank) {
+    auto it = xs->begin() + rank;
+    if (pivot >= 0 && rank == pivot + 1) {
+      std::iter_swap(it, std::min_element(it, xs->end()));
+    } else if (pivot >= 0 && rank > pivot) {
+      std::nth_element(xs->begin() + pivot + 1, it, xs->end());
+    } else {
+      std::nth_element(xs->begin(), it, xs->end());
+    }
+    pivot = rank;
+    return *it;
+  }
+};
+
+template <typename opmath_t>
+struct Bracket {
+  // Scores < low are counted; scores in [low, high] are counted and gathered (only counted when
+  // low == high: a tie-only bracket, e.g. the many exact 1.0 scores of zero gradients).
+  opmath_t low;
+  opmath_t high;
+  int64_t below = 0, within = 0;
+  std::vector<opmath_t> inside;
+  bool overflow = false;
+  RankSelector<opmath_t> selector{&inside};
+};
+
+// Writes the lanes of v selected by the bit mask `lanes` contiguously to dst (which has room for a
+// whole vector) and returns how many were written. Branch-free on AVX2/AVX-512: gathering the
+// ~1-6% of scores inside a bracket with a per-hit branch cost as much as the rest of the pass.
+template <typename opmath_t>
+inline int64_t compress_store(opmath_t* dst, const Vectorized<opmath_t>& v, int lanes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    // Compress in a register, then a plain store: compress-to-memory is microcoded on Zen 4
+    // (measured: the count pass went from 11 ms to 26 ms on 22.7M scores).
+    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(static_cast<__mmask16>(lanes), static_cast<__m512>(v)));
+    return __builtin_popcount(lanes);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    // Permutation that moves the selected lanes to the front, one per 8-bit mask.
+    static const auto table = [] {
+      std::array<std::array<int32_t, 8>, 256> t{};
+      for (int m = 0; m < 256; ++m) {
+        int k = 0;
+        for (int lane = 0; lane < 8; ++lane)
+          if ((m >> lane) & 1) t[m][k++] = lane;
+      }
+      return t;
+    }();
+    const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table[lanes].data()));
+    _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps(static_cast<__m256>(v), perm));
+    return __builtin_popcount(lanes);
+  }
+#endif
+  if (lanes == 0) return 0;
+  __at_align__ opmath_t tmp[Vectorized<opmath_t>::size()];
+  v.store(tmp);
+  int64_t n = 0;
+  for (; lanes != 0; lanes &= lanes - 1) dst[n++] = tmp[__builtin_ctz(lanes)];
+  return n;
+}
+
+// Stats of one pool in one vectorised pass: defined-score count, whether any input was
+// non-finite, the minimum and maximum defined score, and the bracket counts.
+template <typename opmath_t>
+struct PoolStats {
+  int64_t n_valid = 0;
+  bool nonfinite = false;
+  opmath_t min = std::numeric_limits<opmath_t>::infinity();
+  opmath_t max = -std::numeric_limits<opmath_t>::infinity();
+};
+
+template <typename opmath_t>
+void count_pass(const std::vector<PoolPart>& parts, bool parallel,
+                std::vector<Bracket<opmath_t>>& brackets, int64_t gather_limit, PoolStats<opmath_t>& stats) {
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr opmath_t inf = std::numeric_limits<opmath_t>::infinity();
+  const int nthreads = parallel ? at::get_num_threads() : 1;
+  const size_t nb = brackets.size();
+  TORCH_CHECK(nb <= 2, "rose_kernels: at most 2 brackets per pass");
+  struct Local {
+    PoolStats<opmath_t> stats;
+    int64_t below[2] = {0, 0}, within[2] = {0, 0};
+    std::vector<opmath_t> inside[2];
+    int64_t used[2] = {0, 0};
+    bool overflow[2] = {false, false};
+  };
+  std::vector<Local> locals(nthreads);
+  const int64_t per_thread_limit = gather_limit / nthreads + 1;
+  for_each_score_vector<opmath_t>(parts, parallel, [&](const auto& src, int64_t b, int64_t e) {
+    Local& l = locals[parallel ? at::get_thread_num() : 0];
+    // Lane counters are opmath values, exact since a chunk (<= 2^16 elements) is summed at its end.
+    const Vec one(1), zero(0);
+    Vec valid_acc(0), nonfinite_acc(0), min_acc(inf), max_acc(-inf);
+    Vec below_acc[2] = {zero, zero}, within_acc[2] = {zero, zero};
+    Vec lowv[2], highv[2];
+    bool gather[2] = {false, false};
+    for (size_t j = 0; j < nb; ++j) {
+      lowv[j] = Vec(brackets[j].low);
+      highv[j] = Vec(brackets[j].high);
+      gather[j] = brackets[j].low != brackets[j].high && !l.overflow[j];
+    }
+    for (int64_t i = b; i < e; i += W) {
+      const int64_t count = std::min(W, e - i);
+      Vec s, invalid;
+      src.score(i, count, s, invalid, nonfinite_acc);
+      valid_acc = valid_acc + Vec::blendv(one, zero, invalid);
+      min_acc = Vec::blendv(at::vec::minimum(min_acc, s), min_acc, invalid);
+      max_acc = Vec::blendv(at::vec::maximum(max_acc, s), max_acc, invalid);
+      for (size_t j = 0; j < nb; ++j) {
+        const Vec below = s < lowv[j];
+        const Vec within = (s <= highv[j]) ^ below;  // below implies <= high: xor is low <= s <= high
+        below_acc[j] = below_acc[j] + (below & one);
+        within_acc[j] = within_acc[j] + (within & one);
+        if (!gather[j]) continue;
+        const int hits = ~within.zero_mask() & ((1 << W) - 1);
+        auto& buf = l.inside[j];
+        if (l.used[j] + W > static_cast<int64_t>(buf.size())) {
+          if (l.used[j] > per_thread_limit) {
+            l.overflow[j] = true;
+            gather[j] = false;
+            std::vector<opmath_t>().swap(buf);
+            continue;
+          }
+          buf.resize(std::max<int64_t>(4096, 2 * static_cast<int64_t>(buf.size())));
+        }
+        l.used[j] += compress_store(buf.data() + l.used[j], s, hits);
+      }
+    }
+    l.stats.n_valid += static_cast<int64_t>(sum_lanes(valid_acc));
+    l.stats.nonfinite = l.stats.nonfinite || std::isnan(sum_lanes(nonfinite_acc));
+    __at_align__ opmath_t lanes[W];
+    min_acc.store(lanes);
+    for (int64_t k = 0; k < W; ++k) l.stats.min = std::min(l.stats.min, lanes[k]);
+    max_acc.store(lanes);
+    for (int64_t k = 0; k < W; ++k) l.stats.max = std::max(l.stats.max, lanes[k]);
+    for (size_t j = 0; j < nb; ++j) {
+      l.below[j] += static_cast<int64_t>(sum_lanes(below_acc[j]));
+      l.within[j] += static_cast<int64_t>(sum_lanes(within_acc[j]));
+    }
+  });
+  for (auto& l : locals) {
+    stats.n_valid += l.stats.n_valid;
+    stats.nonfinite = stats.nonfinite || l.stats.nonfinite;
+    stats.min = std::min(stats.min, l.stats.min);
+    stats.max = std::max(stats.max, l.stats.max);
+    for (size_t j = 0; j < nb; ++j) {
+      auto& br = brackets[j];
+      br.below += l.below[j];
+      br.within += l.within[j];
+      br.overflow = br.overflow || l.overflow[j];
+      if (!br.overflow) br.inside.insert(br.inside.end(), l.inside[j].begin(), l.inside[j].begin() + l.used[j]);
+    }
+  }
+}
+
+// Gathers a deterministic sample of defined scores: runs of 16 consecutive elements (one cache
+// line of fp32) at even strides over the pool. The sample is latency-bound (each run is a cache
+// and TLB miss), so large pools spread the runs over threads.
+template <typename opmath_t>
+std::vector<opmath_t> sample_scores(const std::vector<PoolPart>& parts, int64_t total,
+                                    int64_t want, bool parallel) {
+  constexpr int64_t kRun = 16;
+  const int64_t runs = std::max<int64_t>(1, want / kRun);
+  const double stride = static_cast<double>(total) / static_cast<double>(runs);
+  std::vector<int64_t> part_begin(parts.size() + 1, 0);
+  for (size_t p = 0; p < parts.size(); ++p) part_begin[p + 1] = part_begin[p] + parts[p].a.numel();
+  const int nthreads = parallel ? at::get_num_threads() : 1;
+  std::vector<std::vector<opmath_t>> local(nthreads);
+  auto body = [&](int64_t r0, int64_t r1) {
+    auto& out = local[parallel ? at::get_thread_num() : 0];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t pos = static_cast<int64_t>(static_cast<double>(r) * stride);
+      const int64_t part = std::upper_bound(part_begin.begin(), part_begin.end(), pos) - part_begin.begin() - 1;
+      const PoolPart& pp = parts[part];
+      const int64_t first = pos - part_begin[part];
+      const int64_t end = std::min(first + kRun, pp.a.numel());
+      dispatch_float_type(pp.a.scalar_type(), [&](auto* tag) {
+        using scalar_t = std::remove_pointer_t<decltype(tag)>;
+        if constexpr (std::is_same_v<opmath_t, typename OpMath<scalar_t>::type>) {
+          ScoreSource<opmath_t, scalar_t> src{pp.a.data_ptr<scalar_t>(),
+                                              pp.b.defined() ? pp.b.data_ptr<opmath_t>() : nullptr,
+                                              static_cast<opmath_t>(pp.scale)};
+          for (int64_t i = first; i < end; ++i) {
+            opmath_t sc;
+            if (src.score_one(i, sc)) out.push_back(sc);
+          }
+        }
+      });
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, runs, 64, body);
+  } else {
+    body(0, runs);
+  }
+  std::vector<opmath_t> out;
+  out.reserve(runs * kRun);
+  for (auto& l : local) out.insert(out.end(), l.begin(), l.end());
+  return out;
+}
+
+// Thresholds of one pool into out[0..kNumThresholdColumns).
+template <typename opmath_t>
+void select_pool(const std::vector<PoolPart>& parts, double q_lo, double q_hi,
+                 bool parallel, int64_t strategy, double* out) {
+  int64_t total = 0;
+  for (const auto& p : parts) total += p.a.numel();
+  const double qs[2] = {q_lo, q_hi};
+  PoolStats<opmath_t> stats;
+  std::vector<int64_t> ranks;
+  std::vector<opmath_t> values;
+  auto finish = [&]() {
+    for (int t = 0; t < 2; ++t) out[t] = interpolate<opmath_t>(stats.n_valid, qs[t], ranks, values);
+    out[kThrCount] = static_cast<double>(stats.n_valid);
+    out[kThrNonFinite] = stats.nonfinite ? 1.0 : 0.0;
+  };
+  auto rank_list = [&]() {
+    ranks.clear();
+    for (double q : qs) wanted_ranks(stats.n_valid, q, ranks);
+    std::sort(ranks.begin(), ranks.end());
+    ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  };
+  ROSE_T0
+
+  if (total <= kDirectPool) {
+    // Small pool: gather every defined score, then nth_element per wanted rank.
+    std::vector<Bracket<opmath_t>> none;
+    count_pass<opmath_t>(parts, false, none, 0, stats);
+    std::vector<opmath_t> all;
+    all.reserve(stats.n_valid);
+    for_each_score_vector<opmath_t>(parts, false, [&](const auto& src, int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        opmath_t s;
+        if (src.score_one(i, s)) all.push_back(s);
+      }
+    });
+    rank_list();
+    values.clear();
+    RankSelector<opmath_t> select{&all};
+    for (int64_t r : ranks) values.push_back(select(r));
+    finish();
+    return;
+  }
+
+  if (strategy == kSelectAuto) {
+    // Quantiles 0 and 1 are the pool's min and max, which the count pass tracks; every other
+    // quantile gets a bracket from a sample.
+    std::vector<double> bracketed;
+    for (double q : qs)
+      if (q > 0.0 && q < 1.0 && std::find(bracketed.begin(), bracketed.end(), q) == bracketed.end())
+        bracketed.push_back(q);
+    std::vector<Bracket<opmath_t>> brackets;
+    if (!bracketed.empty()) {
+      // ~(3N)^(2/3) samples balance the sample's selection against the gathered bracket size.
+      const int64_t want = std::min<int64_t>(total, std::max<int64_t>(
+          4096, static_cast<int64_t>(std::pow(3.0 * static_cast<double>(total), 2.0 / 3.0))));
+      std::vector<opmath_t> sample = sample_scores<opmath_t>(parts, total, want, parallel);
+      ROSE_T("sample gather")
+      const int64_t ns = static_cast<int64_t>(sample.size());
+      for (double q : bracketed) {
+        Bracket<opmath_t> br;
+        br.low = opmath_t(0);  // scores are >= 0: nothing below
+        br.high = std::numeric_limits<opmath_t>::infinity();
+        if (ns > 0) {
+          // The quantile's rank within the sample, widened by 6 standard deviations of a sample
+          // order statistic plus slack for correlated runs; the count pass checks the claim.
+          const double center = q * static_cast<double>(ns - 1);
+          const double margin = 6.0 * std::sqrt(static_cast<double>(ns) * q * (1 - q)) + 16;
+          const int64_t lo_rank = static_cast<int64_t>(std::floor(center - margin));
+          const int64_t hi_rank = static_cast<int64_t>(std::ceil(center + margin)) + 1;
+          if (lo_rank > 0) {
+            std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
+            br.low = sample[lo_rank];
+          }
+          if (hi_rank < ns) {
+            const auto from = lo_rank > 0 ? sample.begin() + lo_rank : sample.begin();
+            std::nth_element(from, sample.begin() + hi_rank, sample.end());
+            br.high = sample[hi_rank];
+          }
+        }
+        brackets.push_back(std::move(br));
+      }
+      ROSE_T("sample select")
+    }
+    // Past this many gathered scores the radix path is cheaper than selecting among them.
+    const int64_t gather_limit = std::max<int64_t>(1 << 16, total / 16);
+    count_pass<opmath_t>(parts, parallel, brackets, gather_limit, stats);
+    ROSE_T("count pass")
+    rank_list();
+    bool all_found = true;
+    values.clear();
+    for (int64_t r : ranks) {
+      if (r == 0) {
+        values.push_back(stats.min);
+        continue;
+      }
+      if (r == stats.n_valid - 1) {
+        values.push_back(stats.max);
+        continue;
+      }
+      bool found = false;
+      for (auto& br : brackets) {
+        if (r < br.below || r >= br.below + br.within) continue;
+        br.selector.xs = &br.inside;
+        if (br.low == br.high) {
+          values.push_back(br.low);
+          found = true;
+        } else if (!br.overflow) {
+          values.push_back(br.selector(r - br.below));
+          found = true;
+        }
+        if (found) break;
+      }
+      if (!found) {
+        all_found = false;
+        break;
+      }
+    }
+    ROSE_T("final select")
+    if (all_found) {
+      finish();
+      return;
+    }
+  } else {
+    std::vector<Bracket<opmath_t>> none;
+    count_pass<opmath_t>(parts, parallel, none, 0, stats);
+    rank_list();
+  }
+  radix_select<opmath_t>(parts, parallel, ranks, values);
+  finish();
+}
+
+inline void element_thresholds(const TensorList& a, const TensorList& b, const std::vector<double>& scales,
+                               double q_lo, double q_hi, bool global_pool, int64_t strategy, double* out) {
+  std::vector<std::vector<PoolPart>> pools;
+  for (size_t i = 0; i < a.size(); ++i) {
+    PoolPart part{a[i], b.empty() ? at::Tensor() : b[i], scales.empty() ? 1.0 : scales[i]};
+    if (global_pool) {
+      if (pools.empty()) pools.emplace_back();
+      pools[0].push_back(part);
+    } else {
+      pools.push_back({part});
+    }
+  }
+  if (global_pool && pools.empty()) pools.emplace_back();
+  const bool is_double = !a.empty() && a[0].scalar_type() == at::kDouble;
+  auto run = [&](int64_t pool, bool parallel) {
+    double* row = out + pool * kNumThresholdColumns;
+    if (is_double) {
+      select_pool<double>(pools[pool], q_lo, q_hi, parallel, strategy, row);
+    } else {
+      select_pool<float>(pools[pool], q_lo, q_hi, parallel, strategy, row);
+    }
+  };
+  // Large pools use every thread inside; the rest are spread over threads whole, largest first
+  // onto the least-loaded thread, since most models mix 0.1M-1M-element matrices with tiny vectors.
+  constexpr int64_t kLargePool = 1 << 21;
+  std::vector<int64_t> small;
+  for (int64_t p = 0; p < static_cast<int64_t>(pools.size()); ++p) {
+    int64_t size = 0;
+    for (const auto& part : pools[p]) size += part.a.numel();
+    if (size >= kLargePool) run(p, true); else small.push_back(p);
+  }
+  if (small.empty()) return;
+  auto size_of = [&](int64_t p) {
+    int64_t size = 0;
+    for (const auto& part : pools[p]) size += part.a.numel();
+    return size;
+  };
+  std::sort(small.begin(), small.end(), [&](int64_t x, int64_t y) { return size_of(x) > size_of(y); });
+  const int nthreads = std::max(1, at::get_num_threads());
+  std::vector<std::vector<int64_t>> assigned(nthreads);
+  std::vector<int64_t> load(nthreads, 0);
+  for (int64_t p : small) {
+    const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+    assigned[t].push_back(p);
+    load[t] += size_of(p) + 1024;
+  }
+  at::parallel_for(0, nthreads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t)
+      for (int64_t p : assigned[t]) run(p, false);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Mask helpers shared by the first-order mask writer and the update
+// ------------------------------------------------------------------------------------------------
+
+// The float bounds equivalent to comparing a float score with float64 thresholds: for any float s,
+// lo <= s <= hi holds exactly when lo_f <= s <= hi_f. +inf scores are kept only when both
+// thresholds are +inf (rose-semantics section 3), so hi is capped at the largest finite value.
+template <typename opmath_t>
+inline void inward_bounds(double lo, double hi, opmath_t& lo_f, opmath_t& hi_f) {
+  constexpr opmath_t inf = std::numeric_limits<opmath_t>::infinity();
+  if (std::isnan(lo) || std::isnan(hi)) {  // empty pool: no score can satisfy it
+    lo_f = inf;
+    hi_f = -inf;
+    return;
+  }
+  lo_f = static_cast<opmath_t>(lo);
+  if (static_cast<double>(lo_f) < lo) lo_f = std::nextafter(lo_f, inf);
+  hi_f = static_cast<opmath_t>(hi);
+  if (static_cast<double>(hi_f) > hi) hi_f = std::nextafter(hi_f, -inf);
+  if (lo_f != inf) hi_f = std::min(hi_f, std::numeric_limits<opmath_t>::max());
+}
+
+// 0/1 lanes from consecutive mask bits, via a byte -> 8 floats table (no per-lane shifts).
+template <typename opmath_t>
+struct BitTable {
+  __at_align__ opmath_t lanes[256][8];
+  BitTable() {
+    for (int byte = 0; byte < 256; ++byte)
+      for (int k = 0; k < 8; ++k) lanes[byte][k] = ((byte >> k) & 1) ? opmath_t(1) : opmath_t(0);
+  }
+};
+
+template <typename opmath_t>
+inline Vectorized<opmath_t> bits_to_lanes(const uint8_t* bits, int64_t i, int64_t count) {
+  using Vec = Vectorized<opmath_t>;
+  static const BitTable<opmath_t> table;
+  __at_align__ opmath_t tmp[Vec::size() + 8];
+  if ((i & 7) == 0 && count == Vec::size() && Vec::size() % 8 == 0) {
+    for (int64_t k = 0; k < Vec::size(); k += 8)
+      std::memcpy(tmp + k, table.lanes[bits[(i + k) >> 3]], 8 * sizeof(opmath_t));
+  } else {
+    for (int64_t k = 0; k < Vec::size(); ++k)
+      tmp[k] = k < count && ((bits[(i + k) >> 3] >> ((i + k) & 7)) & 1) ? opmath_t(1) : opmath_t(0);
+  }
+  return Vec::loadu(tmp);
+}
+
+// ------------------------------------------------------------------------------------------------
+// SCORE, first order, element granularity: the 1-bit mask
+// ------------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+int64_t first_order_mask_range(const scalar_t* g, uint8_t* bits, int64_t begin, int64_t end,
+                               double lo, double hi) {
+  using opmath_t = typename OpMath<scalar_t>::type;
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t W = Vec::size();
+  opmath_t lo_f, hi_f;
+  inward_bounds(lo, hi, lo_f, hi_f);
+  const Vec lov(lo_f), hiv(hi_f);
+  int64_t kept = 0;
+  // begin is a multiple of 64: build one 64-bit word per 64 elements.
+  for (int64_t w = begin; w < end; w += 64) {
+    const int64_t wend = std::min(end, w + 64);
+    uint64_t word = 0;
+    for (int64_t i = w; i < wend; i += W) {
+      const int64_t count = std::min(W, wend - i);
+      const Vec s = load_as<opmath_t>(g + i, count).abs();
+      const Vec keep = (s >= lov) & (s <= hiv);
+      uint64_t lane_bits = static_cast<uint64_t>(~keep.zero_mask()) & ((uint64_t(1) << W) - 1);
+      if (count < W) lane_bits &= (uint64_t(1) << count) - 1;
+      word |= lane_bits << (i - w);
+    }
+    kept += __builtin_popcountll(word);
+    const int64_t nbytes = (wend - w + 7) / 8;
+    std::memcpy(bits + w / 8, &word, nbytes);  // little-endian: bit j of the word is element w + j
+  }
+  return kept;
+}
+
+inline void first_order_mask(const TensorList& g, const double* thresholds, TensorList& masks,
+                             double* kept) {
+  const auto chunks = make_chunks(g);
+  std::vector<int64_t> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      dispatch_float_type(g[ch.tensor].scalar_type(), [&](auto* tag) {
+        using scalar_t = std::remove_pointer_t<decltype(tag)>;
+        partial[c] = first_order_mask_range(g[ch.tensor].data_ptr<scalar_t>(),
+                                            masks[ch.tensor].data_ptr<uint8_t>(), ch.begin, ch.end,
+                                            thresholds[2 * ch.tensor], thresholds[2 * ch.tensor + 1]);
+      });
+    }
+  });
+  for (size_t t = 0; t < g.size(); ++t) kept[t] = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) kept[chunks[c].tensor] += static_cast<double>(partial[c]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// UPDATE: the masked AdamW step (rose-semantics section 5)
+// ------------------------------------------------------------------------------------------------
+
+template <typename opmath_t>
+struct UpdateCoeffs {
+  opmath_t beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, eps, lr_wd;
+  opmath_t mu;                 // the tensor's mask when it is uniform
+  bool uniform;                // false: per-element mask
+  opmath_t w1, w2, mu1, mu2;   // element mask: mu = w1 * mu1_j + w2 * mu2_j
+  bool element_second;
+  opmath_t lo, hi, scale;      // inward float bounds and c of the inline second-order mask
+};
+
+// One chunk with a uniform mask value. mu == 1 is plain (HF-style) AdamW; mu == 0 freezes p and m
+// and moves only v (12 bytes/element instead of 28: frozen tensors cost less than kept ones).
+template <typename scalar_t>
+void update_uniform(scalar_t* p, const scalar_t* g, typename OpMath<scalar_t>::type* m,
+                    typename OpMath<scalar_t>::type* v, int64_t n,
+                    const UpdateCoeffs<typename OpMath<scalar_t>::type>& c, double& m_sumsq) {
+  using opmath_t = typename OpMath<scalar_t>::type;
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec b1(c.beta1), b2(c.beta2), omb1(c.one_minus_beta1), omb2(c.one_minus_beta2);
+  const Vec ss(c.step_size), eps(c.eps);
+  Vec msq(0);
+  if (c.mu == opmath_t(0)) {
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t count = std::min(W, n - i);
+      const Vec mv = load_as<opmath_t>(m + i, count);
+      const Vec vv = load_as<opmath_t>(v + i, count);
+      (b2 * vv + omb2 * (mv * mv)).store(v + i, count);
+      msq = at::vec::fmadd(mv, mv, msq);
+    }
+  } else if (c.mu == opmath_t(1)) {
+    const Vec decay(c.lr_wd);
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t count = std::min(W, n - i);
+      const Vec gv = load_as<opmath_t>(g + i, count);
+      Vec mv = load_as<opmath_t>(m + i, count);
+      Vec vv = load_as<opmath_t>(v + i, count);
+      Vec pv = load_as<opmath_t>(p + i, count);
+      mv = b1 * mv + omb1 * gv;
+      vv = b2 * vv + omb2 * (gv * gv);
+      pv = pv - ss * mv / (vv.sqrt() + eps);
+      pv = pv - decay * pv;
+      mv.store(m + i, count);
+      vv.store(v + i, count);
+      store_as<scalar_t>(p + i, pv, count);
+      msq = at::vec::fmadd(mv, mv, msq);
+    }
+  } else {
+    const Vec mu(c.mu), one_minus_mu(opmath_t(1) - c.mu), decay(c.lr_wd * c.mu);
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t count = std::min(W, n - i);
+      const Vec gv = load_as<opmath_t>(g + i, count);
+      Vec mv = load_as<opmath_t>(m + i, count);
+      Vec vv = load_as<opmath_t>(v + i, count);
+      Vec pv = load_as<opmath_t>(p + i, count);
+      const Vec gp = mu * gv + one_minus_mu * mv;
+      mv = b1 * mv + omb1 * gp;
+      vv = b2 * vv + omb2 * (gp * gp);
+      pv = pv - ss * (mu * mv) / (vv.sqrt() + eps);
+      pv = pv - decay * pv;
+      mv.store(m + i, count);
+      vv.store(v + i, count);
+      store_as<scalar_t>(p + i, pv, count);
+      msq = at::vec::fmadd(mv, mv, msq);
+    }
+  }
+  m_sumsq += sum_lanes(msq);
+}
+
+// One chunk with a per-element mask: mu_j = w1 * mu1_j + w2 * mu2_j, where mu1_j comes from the
+// 1-bit first-order mask (or is uniform) and mu2_j is computed inline from g and m (or uniform).
+// Lanes with mu_j == 0 keep p and m bit for bit.
+template <typename scalar_t>
+void update_element(scalar_t* p, const scalar_t* g, typename OpMath<scalar_t>::type* m,
+                    typename OpMath<scalar_t>::type* v, const uint8_t* bits, int64_t begin,
+                    int64_t end, const UpdateCoeffs<typename OpMath<scalar_t>::type>& c,
+                    double& kept, double& m_sumsq) {
+  using opmath_t = typename OpMath<scalar_t>::type;
+  using Vec = Vectorized<opmath_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec b1(c.beta1), b2(c.beta2), omb1(c.one_minus_beta1), omb2(c.one_minus_beta2);
+  const Vec ss(c.step_size), eps(c.eps), lr_wd(c.lr_wd), one(1), zero(0);
+  const Vec w1(c.w1), w2(c.w2), mu1_uniform(c.mu1), mu2_uniform(c.mu2);
+  const Vec lo(c.lo), hi(c.hi), scale(c.scale);
+  Vec msq(0), kept_acc(0);
+  for (int64_t i = begin; i < end; i += W) {
+    const int64_t count = std::min(W, end - i);
+    const Vec gv = load_as<opmath_t>(g + i, count);
+    const Vec m_old = load_as<opmath_t>(m + i, count);
+    Vec vv = load_as<opmath_t>(v + i, count);
+    const Vec p_old = load_as<opmath_t>(p + i, count);
+    const Vec mu1 = bits != nullptr ? bits_to_lanes<opmath_t>(bits, i, count) : mu1_uniform;
+    Vec mu2 = mu2_uniform;
+    if (c.element_second) {
+      const Vec s = (scale * gv / m_old - one).abs();
+      mu2 = ((m_old == zero) | ((s >= lo) & (s <= hi))) & one;
+    }
+    const Vec mu = w1 * mu1 + w2 * mu2;
+    const Vec gp = mu * gv + (one - mu) * m_old;
+    Vec mv = b1 * m_old + omb1 * gp;
+    vv = b2 * vv + omb2 * (gp * gp);
+    Vec pv = p_old - ss * (mu * mv) / (vv.sqrt() + eps);
+    pv = pv - (lr_wd * mu) * pv;
+    const Vec frozen = (mu == zero);
+    mv = Vec::blendv(mv, m_old, frozen);
+    pv = Vec::blendv(pv, p_old, frozen);
+    mv.store(m + i, count);
+    vv.store(v + i, count);
+    store_as<scalar_t>(p + i, pv, count);
+    msq = at::vec::fmadd(mv, mv, msq);
+    kept_acc = kept_acc + mu;
+    if (count < W) {
+      // Padding lanes (zeros past the tensor's end) can get mu2 = 1 from m == 0: take them out.
+      __at_align__ opmath_t mus[W];
+      mu.store(mus);
+      for (int64_t k = count; k < W; ++k) kept -= static_cast<double>(mus[k]);
+    }
+  }
+  kept += sum_lanes(kept_acc);
+  m_sumsq += sum_lanes(msq);
+}
+
+inline void masked_adamw(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+                         const TensorList& exp_avg_sqs, const OptionalTensorList& first_masks,
+                         const double* table, const double* steps, double* out) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  const auto chunks = make_chunks(params);
+  std::vector<double> kept_partial(chunks.size(), 0.0), msq_partial(chunks.size(), 0.0);
+  // Per-tensor coefficients in double first; each chunk rounds them to its opmath type.
+  struct TensorPlan {
+    double beta1, beta2, step_size, eps, lr_wd, mu, w1, w2, mu1, mu2, lo, hi, scale;
+    bool uniform, element_second, has_bits;
+  };
+  std::vector<TensorPlan> plans(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const double* row = table + t * kNumUpdateColumns;
+    TensorPlan& pl = plans[t];
+    const double step = steps[t];
+    pl.beta1 = row[kBeta1];
+    pl.beta2 = row[kBeta2];
+    pl.step_size = row[kLr];
+    if (row[kCorrectBias] != 0.0) {
+      pl.step_size = row[kLr] * std::sqrt(1.0 - std::pow(pl.beta2, step)) / (1.0 - std::pow(pl.beta1, step));
+    }
+    pl.eps = row[kEps];
+    pl.lr_wd = row[kLr] * row[kWeightDecay];
+    pl.w1 = row[kWeightFirst];
+    pl.w2 = row[kWeightSecond];
+    pl.mu1 = row[kMaskFirst];
+    pl.mu2 = row[kMaskSecond];
+    pl.lo = row[kLower];
+    pl.hi = row[kUpper];
+    pl.scale = row[kScale];
+    pl.has_bits = first_masks[t].has_value() && first_masks[t]->defined();
+    pl.element_second = row[kElementSecond] != 0.0;
+    const bool warmup = step <= row[kWarmupSteps];
+    pl.uniform = warmup || (!pl.has_bits && !pl.element_second);
+    pl.mu = warmup ? 1.0 : pl.w1 * pl.mu1 + pl.w2 * pl.mu2;
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo_c, int64_t hi_c) {
+    for (int64_t ci = lo_c; ci < hi_c; ++ci) {
+      const Chunk& ch = chunks[ci];
+      const TensorPlan& pl = plans[ch.tensor];
+      dispatch_float_type(params[ch.tensor].scalar_type(), [&](auto* tag) {
+        using scalar_t = std::remove_pointer_t<decltype(tag)>;
+        using opmath_t = typename OpMath<scalar_t>::type;
+        UpdateCoeffs<opmath_t> c;
+        c.beta1 = static_cast<opmath_t>(pl.beta1);
+        c.beta2 = static_cast<opmath_t>(pl.beta2);
+        c.one_minus_beta1 = static_cast<opmath_t>(1.0 - pl.beta1);
+        c.one_minus_beta2 = static_cast<opmath_t>(1.0 - pl.beta2);
+        c.step_size = static_cast<opmath_t>(pl.step_size);
+        c.eps = static_cast<opmath_t>(pl.eps);
+        c.lr_wd = static_cast<opmath_t>(pl.lr_wd);
+        c.mu = static_cast<opmath_t>(pl.mu);
+        c.uniform = pl.uniform;
+        c.w1 = static_cast<opmath_t>(pl.w1);
+        c.w2 = static_cast<opmath_t>(pl.w2);
+        c.mu1 = static_cast<opmath_t>(pl.mu1);
+        c.mu2 = static_cast<opmath_t>(pl.mu2);
+        c.element_second = pl.element_second;
+        c.scale = static_cast<opmath_t>(pl.scale);
+        inward_bounds(pl.lo, pl.hi, c.lo, c.hi);
+        scalar_t* p = params[ch.tensor].data_ptr<scalar_t>();
+        const scalar_t* g = grads[ch.tensor].data_ptr<scalar_t>();
+        opmath_t* m = exp_avgs[ch.tensor].data_ptr<opmath_t>();
+        opmath_t* v = exp_avg_sqs[ch.tensor].data_ptr<opmath_t>();
+        if (c.uniform) {
+          update_uniform<scalar_t>(p + ch.begin, g + ch.begin, m + ch.begin, v + ch.begin,
+                                   ch.end - ch.begin, c, msq_partial[ci]);
+          kept_partial[ci] = static_cast<double>(c.mu) * static_cast<double>(ch.end - ch.begin);
+        } else {
+          const uint8_t* bits = pl.has_bits ? first_masks[ch.tensor]->data_ptr<uint8_t>() : nullptr;
+          update_element<scalar_t>(p, g, m, v, bits, ch.begin, ch.end, c, kept_partial[ci],
+                                   msq_partial[ci]);
+        }
+      });
+    }
+  });
+  for (int64_t t = 0; t < n; ++t) out[2 * t] = out[2 * t + 1] = 0;
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    out[2 * chunks[ci].tensor] += kept_partial[ci];
+    out[2 * chunks[ci].tensor + 1] += msq_partial[ci];
+  }
+}
+
+// NOLINTNEXTLINE(misc-definitions-in-headers): one definition per capability namespace
+Kernels make_kernels() {
+  Kernels k;
+#define ROSE_STR2(x) #x
+#define ROSE_STR(x) ROSE_STR2(x)
+  k.name = ROSE_STR(CPU_CAPABILITY);
+  k.sumsq = &sumsq;
+  k.element_thresholds = &element_thresholds;
+  k.first_order_mask = &first_order_mask;
+  k.masked_adamw = &masked_adamw;
+  return k;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace rose_kernels::cpu

@@ -1,0 +1,8 @@
+"""rose_kernels: robust selective fine-tuning (ROSE) at the cost of a fused AdamW step."""
+
+__version__ = "0.1.0"
+
+from rose_kernels.groups import is_eligible, rose_param_groups  # noqa: E402
+from rose_kernels.optim import RoseAdamW  # noqa: E402
+
+__all__ = ["RoseAdamW", "rose_param_groups", "is_eligible", "__version__"]

@@ -1,0 +1,44 @@
+"""The backend registry: one place that knows which implementations exist and which is fastest.
+
+A backend implements ``record_first_order(kl_grads, scored, cfg)`` and ``step(batch, cfg)`` with
+the semantics of ``rose_kernels.reference``; adding one means registering it here, nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rose_kernels.backends.cpu import CpuBackend
+from rose_kernels.reference import ReferenceBackend
+
+_BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), CpuBackend())}
+
+# Fastest first, per device type; "auto" takes the first one that supports the device.
+_PREFERENCE = {"cpu": ("cpu", "reference")}
+
+
+def register(backend, *, prefer_for: tuple[str, ...] = ()) -> None:
+    """Adds a backend; ``prefer_for`` lists device types for which it goes first under "auto"."""
+    _BACKENDS[backend.name] = backend
+    for device_type in prefer_for:
+        _PREFERENCE[device_type] = (backend.name, *_PREFERENCE.get(device_type, ("reference",)))
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def resolve(name: str, device: torch.device):
+    """The backend object for ``name`` ("auto" or a registered name) on ``device``."""
+    if name == "auto":
+        for candidate in _PREFERENCE.get(device.type, ("reference",)):
+            backend = _BACKENDS.get(candidate)
+            if backend is not None and backend.supports(device):
+                return backend
+        return _BACKENDS["reference"]
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(names())} or 'auto'")
+    if not backend.supports(device):
+        raise RuntimeError(f"backend {name!r} cannot run on {device} (is the extension built?)")
+    return backend

@@ -1,0 +1,422 @@
+"""RoseAdamW: robust selective fine-tuning (ROSE) as a drop-in ``torch.optim`` optimizer.
+
+The class is thin: it checks arguments, owns the state (the keys of ``torch.optim.AdamW``), builds
+one :class:`~rose_kernels.types.StepBatch` per step and hands it to a backend. The algorithm is in
+``rose_kernels.reference`` (the oracle) and in the kernels; see ``shared/docs/rose-semantics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from rose_kernels import backends
+from rose_kernels.reference import opmath_dtype
+from rose_kernels.types import (
+    GRANULARITIES,
+    MODES,
+    NONFINITE_POLICIES,
+    SCOPES,
+    THRESHOLDS,
+    GroupHyper,
+    RoseConfig,
+    StepBatch,
+)
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Group keys RoseAdamW adds to those of torch.optim.AdamW; kept across loading an AdamW checkpoint.
+_ROSE_GROUP_KEYS = ("rose", "warmup_steps", "second_order_scale", "correct_bias")
+
+
+def _check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                  high_open: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_group(group: dict) -> None:
+    """Raises ValueError naming the first bad hyper-parameter of a param group."""
+    _check_number("lr", group["lr"], low=0.0)
+    _check_number("eps", group["eps"], low=0.0)
+    _check_number("weight_decay", group["weight_decay"], low=0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    _check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    warmup = group["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup!r}")
+    if group["second_order_scale"] is not None:
+        _check_number("second_order_scale", group["second_order_scale"])
+    if not isinstance(group["rose"], bool):
+        raise ValueError(f"the param group key 'rose' must be True or False, got {group['rose']!r}")
+    if not isinstance(group["correct_bias"], bool):
+        raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
+
+
+class RoseAdamW(Optimizer):
+    r"""AdamW whose update is masked, every step, to the parameters ROSE deems robust.
+
+    Args:
+        params: parameters or param groups. A group may carry ``"rose": False`` to never be masked
+            (see :func:`rose_kernels.rose_param_groups` for the released code's rule).
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (decay is decoupled, applied after the
+            Adam move and masked like it; ``eps`` is added to ``sqrt(v)``, as in the release).
+        mode: ``"off"`` (plain AdamW), ``"first"`` (KL-gradient scores, needs
+            :meth:`record_first_order` each step), ``"second"`` (gradient vs momentum) or
+            ``"ensemble"`` (soft mask ``(1 - gamma) * M2 + gamma * M1``).
+        granularity: ``"tensor"`` (one mask value per weight tensor, the release) or ``"element"``.
+        scope: element granularity only: ``"tensor"`` (each tensor its own pool) or ``"global"``.
+        lower, upper: the kept percentile interval ``[lower, upper]`` of the scores, in [0, 100].
+        gamma: ensemble weight of the first-order mask.
+        warmup_steps: steps during which nothing is masked.
+        second_order_scale: ``c`` of the second-order score; default ``1 - beta1``; ``0.1``
+            reproduces the released code for any beta1.
+        correct_bias: Adam bias correction.
+        backend: ``"auto"`` (fastest available for the parameters' device), ``"cpu"`` or
+            ``"reference"``.
+        thresholds: ``"exact"`` quantiles.
+        nonfinite: what a step with non-finite gradients does without a GradScaler: ``"raise"``
+            a RuntimeError, or ``"skip"`` the step with a warning (``skipped_steps`` counts them).
+            Either way no parameter or state changes.
+
+    The state per parameter has the keys of ``torch.optim.AdamW`` (``step``, ``exp_avg``,
+    ``exp_avg_sq``; moments in float32 for bf16/fp16 parameters), so checkpoints move both ways.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        mode: str = "second",
+        granularity: str = "tensor",
+        scope: str = "tensor",
+        lower: float = 0.0,
+        upper: float = 60.0,
+        gamma: float = 0.5,
+        warmup_steps: int = 0,
+        second_order_scale: float | None = None,
+        correct_bias: bool = True,
+        backend: str = "auto",
+        thresholds: str = "exact",
+        nonfinite: str = "raise",
+    ):
+        _check_choice("mode", mode, MODES)
+        _check_choice("granularity", granularity, GRANULARITIES)
+        _check_choice("scope", scope, SCOPES)
+        _check_choice("thresholds", thresholds, THRESHOLDS)
+        _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        lower = _check_number("lower", lower, low=0.0, high=100.0)
+        upper = _check_number("upper", upper, low=0.0, high=100.0)
+        if lower > upper:
+            raise ValueError(f"lower ({lower}) must not exceed upper ({upper})")
+        gamma = _check_number("gamma", gamma, low=0.0, high=1.0)
+        if backend != "auto" and backend not in backends.names():
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(backends.names())} or 'auto'")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            rose=True,
+            warmup_steps=warmup_steps,
+            second_order_scale=second_order_scale,
+            correct_bias=correct_bias,
+        )
+        _check_group(defaults)
+        self.rose = RoseConfig(
+            mode=mode, granularity=granularity, scope=scope, lower=lower, upper=upper, gamma=gamma,
+            thresholds=thresholds, nonfinite=nonfinite,
+        )
+        self.backend = backend
+        self.skipped_steps = 0
+        self._first_order: dict[torch.Tensor, Any] | None = None
+        self._first_order_nonfinite = False
+        self._kept: dict[torch.Tensor, float] = {}
+        self._exp_avg_sumsq: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
+        super().__init__(params, defaults)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"RoseAdamW params must be tensors, got {type(p).__name__}")
+            if p.is_complex():
+                raise ValueError("RoseAdamW does not support complex parameters")
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise ValueError(f"RoseAdamW supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
+            if p.layout != torch.strided or not p.is_contiguous():
+                raise ValueError(
+                    "RoseAdamW needs contiguous dense parameters (the fused kernels read them as flat "
+                    f"arrays); got one of shape {tuple(p.shape)} with strides {p.stride()}"
+                )
+        _check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("rose", True)
+            group.setdefault("warmup_steps", 0)
+            group.setdefault("second_order_scale", None)
+            group.setdefault("correct_bias", True)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
+        # Moments live in the opmath type (float32 for bf16/fp16 params), unlike torch's default
+        # policy of casting them to the parameter's dtype; `step` stays as saved.
+        if key == "step":
+            return value
+        if param.is_floating_point() and value.is_floating_point():
+            return value.to(dtype=opmath_dtype(param.dtype), device=param.device)
+        return value.to(device=param.device)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a RoseAdamW or ``torch.optim.AdamW`` checkpoint; ROSE group keys missing from the
+        checkpoint (an AdamW one) keep this optimizer's values."""
+        current = [{k: g[k] for k in _ROSE_GROUP_KEYS} for g in self.param_groups]
+        saved_groups = state_dict.get("param_groups", [])
+        super().load_state_dict(state_dict)
+        for group, mine, saved in zip(self.param_groups, current, saved_groups, strict=False):
+            for key in _ROSE_GROUP_KEYS:
+                if key not in saved:
+                    group[key] = mine[key]
+        for group in self.param_groups:
+            _check_group(group)
+        self._exp_avg_sumsq.clear()
+        self._first_order = None
+        self._first_order_nonfinite = False
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def _hyper(self, group: dict) -> GroupHyper:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        scale = group["second_order_scale"]
+        return GroupHyper(
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            correct_bias=bool(group["correct_bias"]),
+            warmup_steps=int(group["warmup_steps"]),
+            scale=float(scale) if scale is not None else 1.0 - beta1,
+        )
+
+    def _backend_for(self, params: list[torch.Tensor]):
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise RuntimeError(f"RoseAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
+        return backends.resolve(self.backend, next(iter(devices)))
+
+    def _on_nonfinite(self, what: str) -> None:
+        message = (
+            f"RoseAdamW: non-finite values in the {what}; the step was not taken and no parameter or "
+            "state changed"
+        )
+        if self.rose.nonfinite == "raise":
+            raise RuntimeError(message + " (pass nonfinite='skip' to skip such steps instead)")
+        self.skipped_steps += 1
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _eligible_with_grads(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups if g["rose"] for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def record_first_order(self) -> None:
+        """Scores eligible parameters from their current ``.grad`` (the KL-divergence gradient).
+
+        Call it after ``loss_kl.backward(retain_graph=True)`` and before ``zero_grad()``, the task
+        loss backward and :meth:`step`. Only modes ``"first"`` and ``"ensemble"`` use it.
+        """
+        if self.rose.mode not in ("first", "ensemble"):
+            raise RuntimeError(
+                f"record_first_order() is for mode='first' or 'ensemble'; this optimizer has mode={self.rose.mode!r}"
+            )
+        params = self._eligible_with_grads()
+        self._first_order, self._first_order_nonfinite = {}, False
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("RoseAdamW does not support sparse gradients")
+        hypers = {p: self._hyper(g) for g in self.param_groups if g["rose"] for p in g["params"]}
+        scored = []
+        for p in params:
+            state = self.state.get(p)
+            next_step = (float(state["step"]) if state else 0.0) + 1
+            scored.append(next_step > hypers[p].warmup_steps)
+        kl_grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        record = self._backend_for(params).record_first_order(kl_grads, scored, self.rose)
+        if record.nonfinite:
+            self._first_order = None
+            self._first_order_nonfinite = True
+            if self.rose.nonfinite == "raise":
+                raise RuntimeError(
+                    "RoseAdamW.record_first_order: non-finite values in the first-order (KL) gradients; "
+                    "nothing was recorded (pass nonfinite='skip' to skip such steps instead)"
+                )
+            return
+        self._first_order = {p: mask for p, mask in zip(params, record.masks, strict=True) if mask is not None}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One masked AdamW step; returns the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        cfg = self.rose
+        needs_first = cfg.mode in ("first", "ensemble")
+        if needs_first and self._first_order_nonfinite:
+            self._first_order_nonfinite = False
+            self._on_nonfinite("first-order (KL) gradients recorded for this step")
+            return loss
+        if needs_first and self._first_order is None:
+            raise RuntimeError(
+                f"mode={cfg.mode!r} needs first-order scores for every step: call "
+                "opt.record_first_order() after loss_kl.backward(retain_graph=True) and before "
+                "zero_grad() / loss.backward() / opt.step()"
+            )
+
+        batch, new_states = self._collect()
+        if not batch.params:
+            self._first_order = None
+            return loss
+        if needs_first:
+            batch.first_order = [self._first_order.get(p) for p in batch.params]
+        batch.exp_avg_sumsq = [self._cached_exp_avg_sumsq(p, m) for p, m in zip(batch.params, batch.exp_avgs, strict=True)]
+
+        result = self._backend_for(batch.params).step(batch, cfg)
+        self._first_order = None
+        if result.nonfinite:
+            self._on_nonfinite("gradients")
+            return loss
+        for p, state in new_states:
+            self.state[p] = state
+        self._kept = {}
+        for i, p in enumerate(batch.params):
+            if batch.eligible[i]:
+                self._kept[p] = result.kept[i]
+            if result.exp_avg_sumsq is not None:
+                m = batch.exp_avgs[i]
+                self._exp_avg_sumsq[p] = (weakref.ref(m), m._version, result.exp_avg_sumsq[i])
+        return loss
+
+    def _cached_exp_avg_sumsq(self, p: torch.Tensor, exp_avg: torch.Tensor) -> float | None:
+        entry = self._exp_avg_sumsq.get(p)
+        if entry is None:
+            return None
+        ref, version, value = entry
+        if ref() is not exp_avg or exp_avg._version != version:
+            return None
+        return value
+
+    def _collect(self) -> tuple[StepBatch, list[tuple[torch.Tensor, dict]]]:
+        """Checks every group and gradient, then gathers the step's tensors; changes nothing.
+
+        State for parameters seen for the first time is created here but only committed to
+        ``self.state`` once the step has gone through.
+        """
+        batch = StepBatch([], [], [], [], [], [], [])
+        new_states = []
+        for group in self.param_groups:
+            _check_group(group)
+            hyper = self._hyper(group)
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("RoseAdamW does not support sparse gradients")
+                if grad.shape != p.shape or grad.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does not match its "
+                        f"parameter ({tuple(p.shape)}, {p.dtype})"
+                    )
+                if not p.is_contiguous():
+                    raise RuntimeError("a parameter became non-contiguous after RoseAdamW was built")
+                state = self.state.get(p)
+                if not state:
+                    state = {
+                        "step": torch.tensor(0.0, dtype=torch.float32),
+                        "exp_avg": torch.zeros_like(p, dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format),
+                        "exp_avg_sq": torch.zeros_like(p, dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format),
+                    }
+                    new_states.append((p, state))
+                else:
+                    self._check_state(p, state)
+                batch.params.append(p)
+                batch.grads.append(grad if grad.is_contiguous() else grad.contiguous())
+                batch.exp_avgs.append(state["exp_avg"])
+                batch.exp_avg_sqs.append(state["exp_avg_sq"])
+                batch.state_steps.append(state["step"])
+                batch.eligible.append(group["rose"])
+                batch.hypers.append(hyper)
+        return batch, new_states
+
+    @staticmethod
+    def _check_state(p: torch.Tensor, state: dict) -> None:
+        want = opmath_dtype(p.dtype)
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state.get(key)
+            if t is None or t.shape != p.shape or t.dtype != want or t.device != p.device:
+                raise RuntimeError(
+                    f"state[{key!r}] of a parameter of shape {tuple(p.shape)} must be a {want} tensor of the "
+                    f"same shape on {p.device}; got {None if t is None else (tuple(t.shape), t.dtype, str(t.device))}"
+                )
+            if not t.is_contiguous():
+                state[key] = t.contiguous()
+        step = state.get("step")
+        if not isinstance(step, torch.Tensor):
+            state["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def mask_stats(self) -> dict[str, float]:
+        """Kept fraction (mean mask value) of each eligible parameter at the last step.
+
+        Keys are the group's ``param_names`` when given (as :func:`rose_param_groups` does), else
+        ``"<group index>.<param index>"``.
+        """
+        stats = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                if p in self._kept:
+                    stats[names[pi] if names else f"{gi}.{pi}"] = self._kept[p]
+        return stats

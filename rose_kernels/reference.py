@@ -1,0 +1,272 @@
+"""The pure-torch oracle of ROSE: ``shared/docs/rose-semantics.md`` written out plainly.
+
+Everything here is per tensor, loops in Python, sorts to find quantiles and allocates freely: it is
+slow on purpose, so that it can be read against the semantics line by line. Every backend is tested
+against it (float64 to ~1e-12, float32 to ~1e-6), and it is also the ``backend="reference"``
+fallback that runs anywhere torch runs.
+
+Conventions shared with the kernels (so that masks agree bit for bit):
+
+- Scores are computed in the parameter's *opmath* type: float64 for float64 parameters, float32
+  for float32/bfloat16/float16 ones (the state, ``exp_avg``, is kept in that type too).
+- Quantile positions ``r = q * (n - 1)`` and the interpolation are evaluated in float64.
+- A unit enters a pool only when its score is defined and its parameter is past ``warmup_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rose_kernels.types import FirstOrderRecord, RoseConfig, StepBatch, StepResult
+
+__all__ = [
+    "quantile",
+    "in_interval",
+    "opmath_dtype",
+    "second_order_score",
+    "second_order_tensor_score",
+    "second_order_element_scores",
+    "masked_adamw_update",
+    "ReferenceBackend",
+]
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type scores, moments and arithmetic use for parameters of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def quantile(values: torch.Tensor, q: float) -> float:
+    """Linear-interpolated quantile of a 1-D pool (rose-semantics section 3), as a Python float.
+
+    ``x_k + (r - k) * (x_{k+1} - x_k)`` with ``r = q * (n - 1)``, ``k = floor(r)``; when
+    ``r`` is integral or the two order statistics are equal the result is ``x_k`` itself (so
+    that a pool holding ``+inf`` never produces ``0 * inf``). NaN for an empty pool.
+    """
+    n = values.numel()
+    if n == 0:
+        return math.nan
+    ordered = torch.sort(values.reshape(-1).to(torch.float64)).values
+    r = q * (n - 1)
+    k = min(math.floor(r), n - 1)
+    frac = r - k
+    lo = ordered[k].item()
+    if frac == 0.0 or k + 1 >= n:
+        return lo
+    hi = ordered[k + 1].item()
+    if lo == hi:
+        return lo
+    return lo + frac * (hi - lo)
+
+
+def in_interval(scores: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``lo <= s <= hi`` (inclusive); +inf scores qualify only when both thresholds are +inf."""
+    s = scores.to(torch.float64)
+    inside = (s >= lo) & (s <= hi)
+    if lo != math.inf:
+        inside &= torch.isfinite(s)
+    return inside
+
+
+def second_order_score(g_norm: float, m_norm: float, scale: float) -> float | None:
+    """``| c * ||g|| / ||m|| - 1 |`` from the two norms; None when ``||m|| == 0`` (no defined score)."""
+    if m_norm == 0.0:
+        return None
+    return abs(scale * g_norm / m_norm - 1.0)
+
+
+def second_order_tensor_score(grad: torch.Tensor, exp_avg: torch.Tensor, scale: float) -> float | None:
+    """The tensor-granularity second-order score, norms in float64."""
+    g_norm = grad.to(torch.float64).pow(2).sum().sqrt().item()
+    m_norm = exp_avg.to(torch.float64).pow(2).sum().sqrt().item()
+    return second_order_score(g_norm, m_norm, scale)
+
+
+def second_order_element_scores(
+    grad: torch.Tensor, exp_avg: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``| c * g_j / m_j - 1 |`` in the opmath type, and where it is defined (``m_j != 0``)."""
+    dtype = opmath_dtype(grad.dtype)
+    g = grad.to(dtype)
+    m = exp_avg.to(dtype)
+    c = torch.tensor(scale, dtype=dtype)
+    defined = m != 0
+    scores = (c * g / m - 1).abs()
+    return scores, defined
+
+
+def first_order_tensor_score(kl_grad: torch.Tensor) -> float:
+    """``||g_kl||`` in float64."""
+    return kl_grad.to(torch.float64).pow(2).sum().sqrt().item()
+
+
+def first_order_element_scores(kl_grad: torch.Tensor) -> torch.Tensor:
+    """``|g_kl_j|`` in the opmath type."""
+    return kl_grad.to(opmath_dtype(kl_grad.dtype)).abs()
+
+
+def masked_adamw_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: float,
+    mu: float | torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+) -> None:
+    """The masked AdamW update of rose-semantics section 5, in place, at the (incremented) ``step``.
+
+    Elements (or the whole tensor) with ``mu == 0`` keep ``param`` and ``exp_avg`` exactly;
+    ``exp_avg_sq`` still moves toward ``exp_avg ** 2``.
+    """
+    dtype = opmath_dtype(param.dtype)
+    p = param.to(dtype)
+    g = grad.to(dtype)
+    m = exp_avg
+    v = exp_avg_sq
+    mu_t = mu.to(dtype) if isinstance(mu, torch.Tensor) else torch.tensor(mu, dtype=dtype)
+    g_masked = mu_t * g + (1 - mu_t) * m
+    m_new = beta1 * m + (1 - beta1) * g_masked
+    v_new = beta2 * v + (1 - beta2) * g_masked * g_masked
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step) if correct_bias else lr
+    p_new = p - step_size * (mu_t * m_new) / (v_new.sqrt() + eps)
+    p_new = p_new - (lr * weight_decay) * mu_t * p_new
+    frozen = mu_t == 0
+    exp_avg.copy_(torch.where(frozen, m, m_new))
+    exp_avg_sq.copy_(v_new)
+    param.copy_(torch.where(frozen, p, p_new))
+
+
+@dataclass
+class _Unit:
+    index: int  # position in the batch
+    scores: torch.Tensor | None  # element scores (element granularity)
+    defined: torch.Tensor | None
+    score: float | None  # tensor score (tensor granularity)
+
+
+def _pool_thresholds(values: list[torch.Tensor], cfg: RoseConfig) -> tuple[float, float]:
+    pool = torch.cat([v.reshape(-1).to(torch.float64) for v in values]) if values else torch.empty(0)
+    return quantile(pool, cfg.lower / 100), quantile(pool, cfg.upper / 100)
+
+
+def _select(units: list[_Unit], cfg: RoseConfig) -> dict[int, float | torch.Tensor]:
+    """Mask values (1/0 floats, or bool element tensors) for scored units; absent = undefined."""
+    masks: dict[int, float | torch.Tensor] = {}
+    if cfg.granularity == "tensor":
+        scored = [u for u in units if u.score is not None]
+        lo, hi = _pool_thresholds([torch.tensor([u.score], dtype=torch.float64) for u in scored], cfg)
+        for u in scored:
+            masks[u.index] = float(in_interval(torch.tensor(u.score), lo, hi).item())
+        return masks
+    if cfg.scope == "global":
+        lo, hi = _pool_thresholds([u.scores[u.defined] for u in units], cfg)
+        thresholds = {u.index: (lo, hi) for u in units}
+    else:
+        thresholds = {u.index: _pool_thresholds([u.scores[u.defined]], cfg) for u in units}
+    for u in units:
+        lo, hi = thresholds[u.index]
+        masks[u.index] = torch.where(u.defined, in_interval(u.scores, lo, hi), True)
+    return masks
+
+
+class ReferenceBackend:
+    """``backend="reference"``: the oracle above driven through the backend interface."""
+
+    name = "reference"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def record_first_order(
+        self, kl_grads: list[torch.Tensor], scored: list[bool], cfg: RoseConfig
+    ) -> FirstOrderRecord:
+        if not all(torch.isfinite(g).all() for g in kl_grads):
+            return FirstOrderRecord(masks=[], nonfinite=True)
+        units = []
+        for i, (g, is_scored) in enumerate(zip(kl_grads, scored, strict=True)):
+            if not is_scored:
+                continue
+            if cfg.granularity == "tensor":
+                units.append(_Unit(i, None, None, first_order_tensor_score(g)))
+            else:
+                scores = first_order_element_scores(g)
+                units.append(_Unit(i, scores, torch.ones_like(scores, dtype=torch.bool), None))
+        masks = _select(units, cfg)
+        return FirstOrderRecord(masks=[masks.get(i) for i in range(len(kl_grads))], nonfinite=False)
+
+    def step(self, batch: StepBatch, cfg: RoseConfig) -> StepResult:
+        n = len(batch.params)
+        if not all(torch.isfinite(g).all() for g in batch.grads):
+            return StepResult(nonfinite=True)
+        next_steps = [s.item() + 1 for s in batch.state_steps]
+
+        second: dict[int, float | torch.Tensor] = {}
+        if cfg.mode in ("second", "ensemble"):
+            units = []
+            for i in range(n):
+                h = batch.hypers[i]
+                if not batch.eligible[i] or next_steps[i] <= h.warmup_steps:
+                    continue
+                if cfg.granularity == "tensor":
+                    score = second_order_tensor_score(batch.grads[i], batch.exp_avgs[i], h.scale)
+                    units.append(_Unit(i, None, None, score))
+                else:
+                    scores, defined = second_order_element_scores(batch.grads[i], batch.exp_avgs[i], h.scale)
+                    units.append(_Unit(i, scores, defined, None))
+            second = _select(units, cfg)
+
+        kept = []
+        for i in range(n):
+            h = batch.hypers[i]
+            mu: float | torch.Tensor = 1.0
+            if batch.eligible[i] and next_steps[i] > h.warmup_steps and cfg.mode != "off":
+                mu1 = batch.first_order[i] if batch.first_order is not None else None
+                mu2 = second.get(i)
+                mu1 = 1.0 if mu1 is None else mu1
+                mu2 = 1.0 if mu2 is None else mu2
+                if cfg.mode == "second":
+                    mu = mu2
+                elif cfg.mode == "first":
+                    mu = mu1
+                else:
+                    mu = _as_float(mu2, batch.params[i]) * (1 - cfg.gamma) + cfg.gamma * _as_float(
+                        mu1, batch.params[i]
+                    )
+                mu = _as_float(mu, batch.params[i]) if isinstance(mu, torch.Tensor) else float(mu)
+            batch.state_steps[i].add_(1)
+            masked_adamw_update(
+                batch.params[i],
+                batch.grads[i],
+                batch.exp_avgs[i],
+                batch.exp_avg_sqs[i],
+                step=next_steps[i],
+                mu=mu,
+                lr=h.lr,
+                beta1=h.beta1,
+                beta2=h.beta2,
+                eps=h.eps,
+                weight_decay=h.weight_decay,
+                correct_bias=h.correct_bias,
+            )
+            numel = batch.params[i].numel()
+            if isinstance(mu, torch.Tensor):
+                kept.append(mu.to(torch.float64).sum().item() / max(numel, 1))
+            else:
+                kept.append(mu)
+        return StepResult(nonfinite=False, kept=kept)
+
+
+def _as_float(mask: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    if isinstance(mask, torch.Tensor):
+        return mask.to(opmath_dtype(like.dtype))
+    return float(mask)

@@ -1,0 +1,72 @@
+"""Plain data passed between RoseAdamW and its backends (no logic here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MODES = ("off", "first", "second", "ensemble")
+GRANULARITIES = ("tensor", "element")
+SCOPES = ("tensor", "global")
+THRESHOLDS = ("exact",)
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class RoseConfig:
+    """Optimizer-wide selection settings: pools can span param groups, so these are not per group."""
+
+    mode: str = "second"
+    granularity: str = "tensor"
+    scope: str = "tensor"
+    lower: float = 0.0
+    upper: float = 60.0
+    gamma: float = 0.5
+    thresholds: str = "exact"
+    nonfinite: str = "raise"
+
+
+@dataclass(frozen=True)
+class GroupHyper:
+    """The per-parameter AdamW hyper-parameters of its group, with the second-order scale resolved."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    correct_bias: bool
+    warmup_steps: int
+    scale: float  # c of the second-order score
+
+
+@dataclass
+class StepBatch:
+    """Every parameter that takes part in one step, flattened across param groups."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    state_steps: list[torch.Tensor]
+    eligible: list[bool]
+    hypers: list[GroupHyper]
+    # Per parameter: the recorded first-order mask (backend-specific object) or None.
+    first_order: list[Any] | None = None
+    # Per parameter: sum of squares of exp_avg if a backend cached it at the end of the last step.
+    exp_avg_sumsq: list[float | None] | None = None
+
+
+@dataclass
+class StepResult:
+    nonfinite: bool
+    kept: list[float] = field(default_factory=list)  # kept fraction per parameter (mean mask value)
+    exp_avg_sumsq: list[float] | None = None  # sum of squares of the new exp_avg, when computed
+
+
+@dataclass
+class FirstOrderRecord:
+    masks: list[Any]  # per parameter: backend-specific mask (None: undefined, treated as kept)
+    nonfinite: bool
