@@ -46,6 +46,11 @@ def rose_param_groups(model: torch.nn.Module, weight_decay: float = 0.01, rule: 
     groups = []
     for (eligible, no_decay), (params, names) in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
         groups.append(
-            {"params": params, "param_names": names, "rose": eligible, "weight_decay": 0.0 if no_decay else weight_decay}
+            {
+                "params": params,
+                "param_names": names,
+                "rose": eligible,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            }
         )
     return groups

@@ -195,22 +195,26 @@ class RoseAdamW(Optimizer):
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        # Moments live in the opmath type (float32 for bf16/fp16 params), unlike torch's default
-        # policy of casting them to the parameter's dtype; `step` stays as saved.
-        if key == "step":
-            return value
-        if param.is_floating_point() and value.is_floating_point():
-            return value.to(dtype=opmath_dtype(param.dtype), device=param.device)
-        return value.to(device=param.device)
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a RoseAdamW or ``torch.optim.AdamW`` checkpoint; ROSE group keys missing from the
         checkpoint (an AdamW one) keep this optimizer's values."""
         current = [{k: g[k] for k in _ROSE_GROUP_KEYS} for g in self.param_groups]
         saved_groups = state_dict.get("param_groups", [])
+        # torch's loader casts moments to the parameter's dtype; bf16/fp16 parameters keep float32
+        # moments here, so take those from the checkpoint before that cast loses their precision.
+        saved_state = state_dict.get("state", {})
+        full_precision = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=False):
+            for saved_id, p in zip(saved["params"], group["params"], strict=False):
+                if opmath_dtype(p.dtype) != p.dtype and saved_id in saved_state:
+                    full_precision[p] = {
+                        k: v for k, v in saved_state[saved_id].items()
+                        if k in ("exp_avg", "exp_avg_sq") and isinstance(v, torch.Tensor)
+                    }
         super().load_state_dict(state_dict)
+        for p, moments in full_precision.items():
+            for key, value in moments.items():
+                self.state[p][key] = value.to(device=p.device, dtype=opmath_dtype(p.dtype), copy=True)
         for group, mine, saved in zip(self.param_groups, current, saved_groups, strict=False):
             for key in _ROSE_GROUP_KEYS:
                 if key not in saved:
@@ -319,7 +323,9 @@ class RoseAdamW(Optimizer):
             return loss
         if needs_first:
             batch.first_order = [self._first_order.get(p) for p in batch.params]
-        batch.exp_avg_sumsq = [self._cached_exp_avg_sumsq(p, m) for p, m in zip(batch.params, batch.exp_avgs, strict=True)]
+        batch.exp_avg_sumsq = [
+            self._cached_exp_avg_sumsq(p, m) for p, m in zip(batch.params, batch.exp_avgs, strict=True)
+        ]
 
         result = self._backend_for(batch.params).step(batch, cfg)
         self._first_order = None
@@ -372,10 +378,11 @@ class RoseAdamW(Optimizer):
                     raise RuntimeError("a parameter became non-contiguous after RoseAdamW was built")
                 state = self.state.get(p)
                 if not state:
+                    moment = dict(dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format)
                     state = {
                         "step": torch.tensor(0.0, dtype=torch.float32),
-                        "exp_avg": torch.zeros_like(p, dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format),
-                        "exp_avg_sq": torch.zeros_like(p, dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format),
+                        "exp_avg": torch.zeros_like(p, **moment),
+                        "exp_avg_sq": torch.zeros_like(p, **moment),
                     }
                     new_states.append((p, state))
                 else:

@@ -166,7 +166,7 @@ def _select(units: list[_Unit], cfg: RoseConfig) -> dict[int, float | torch.Tens
         scored = [u for u in units if u.score is not None]
         lo, hi = _pool_thresholds([torch.tensor([u.score], dtype=torch.float64) for u in scored], cfg)
         for u in scored:
-            masks[u.index] = float(in_interval(torch.tensor(u.score), lo, hi).item())
+            masks[u.index] = float(in_interval(torch.tensor(u.score, dtype=torch.float64), lo, hi).item())
         return masks
     if cfg.scope == "global":
         lo, hi = _pool_thresholds([u.scores[u.defined] for u in units], cfg)
@@ -259,8 +259,10 @@ class ReferenceBackend:
                 correct_bias=h.correct_bias,
             )
             numel = batch.params[i].numel()
-            if isinstance(mu, torch.Tensor):
-                kept.append(mu.to(torch.float64).sum().item() / max(numel, 1))
+            if numel == 0:
+                kept.append(1.0)  # nothing to mask
+            elif isinstance(mu, torch.Tensor):
+                kept.append(mu.to(torch.float64).sum().item() / numel)
             else:
                 kept.append(mu)
         return StepResult(nonfinite=False, kept=kept)

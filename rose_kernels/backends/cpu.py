@@ -41,11 +41,10 @@ class CpuBackend:
     ) -> FirstOrderRecord:
         masks: list = [None] * len(kl_grads)
         index = [i for i, s in enumerate(scored) if s]
-        unscored = [kl_grads[i] for i, s in enumerate(scored) if not s and kl_grads[i].numel() > 0]
+        unscored = [kl_grads[i] for i, s in enumerate(scored) if not s]
         if unscored and not torch.isfinite(ops.sumsq(unscored)).all():
             return FirstOrderRecord(masks=[], nonfinite=True)
-        grads = [kl_grads[i] for i in index if kl_grads[i].numel() > 0]
-        index = [i for i in index if kl_grads[i].numel() > 0]
+        grads = [kl_grads[i] for i in index]
         if not grads:
             return FirstOrderRecord(masks=masks, nonfinite=False)
         if cfg.granularity == "tensor":

@@ -1,0 +1,831 @@
+"""The CPU custom ops one by one: schemas and fakes (opcheck), argument checks, sumsq accuracy,
+first_order_mask_ bits, and the CPU capability switch.
+
+element_thresholds' exactness is tested in test_select.py; here it only appears in opcheck, in the
+argument checks and in the capability comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.library import opcheck
+
+from rose_kernels import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.available(), reason=f"extension not built: {ops.EXTENSION_ERROR}")
+
+FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+INF = math.inf
+NAN = math.nan
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    return reference.opmath_dtype(dtype)
+
+
+def make_table(n: int, **values: float) -> torch.Tensor:
+    """masked_adamw_'s [n, 15] float64 table, columns in ops.UPDATE_COLUMNS order."""
+    row = {
+        "lr": 1e-3,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "correct_bias": 1.0,
+        "warmup_steps": 0.0,
+        "weight_first": 0.0,
+        "mask_first": 1.0,
+        "weight_second": 1.0,
+        "mask_second": 1.0,
+        "element_second": 0.0,
+        "lower": 0.0,
+        "upper": INF,
+        "scale": 0.1,
+    }
+    unknown = set(values) - set(row)
+    assert not unknown, unknown
+    row.update(values)
+    assert len(ops.UPDATE_COLUMNS) == 15 and set(ops.UPDATE_COLUMNS) == set(row)
+    return torch.tensor([[row[c] for c in ops.UPDATE_COLUMNS]] * n, dtype=torch.float64).reshape(n, 15)
+
+
+def adamw_inputs(dtypes, sizes, gen: torch.Generator, *, masks=None, steps=None):
+    """Fresh (params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks) for masked_adamw_."""
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks = [], [], [], [], [], []
+    for i, (dtype, n) in enumerate(zip(dtypes, sizes, strict=True)):
+        om = opmath(dtype)
+        params.append(torch.randn(n, dtype=torch.float64, generator=gen).to(dtype))
+        grads.append(torch.randn(n, dtype=torch.float64, generator=gen).to(dtype))
+        exp_avgs.append(torch.randn(n, dtype=torch.float64, generator=gen).to(om) * 0.1)
+        exp_avg_sqs.append(torch.rand(n, dtype=torch.float64, generator=gen).to(om) * 0.01)
+        state_steps.append(torch.tensor(float(steps[i] if steps else 0), dtype=torch.float32))
+        if masks is not None and masks[i]:
+            first_masks.append(torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=gen))
+        else:
+            first_masks.append(None)
+    return params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks
+
+
+def unpack_bits(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """LSB-first bits: bit j of byte j // 8 is element j."""
+    return torch.from_numpy(np.unpackbits(mask.numpy(), bitorder="little")[:n].astype(bool))
+
+
+@pytest.fixture
+def restore_capability():
+    yield
+    ops.cpu_capability("auto")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck: schema, autograd registration, fake tensors, AOT dispatch
+# ------------------------------------------------------------------------------------------------
+
+
+def _opcheck(op, args):
+    result = opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize(
+    "dtypes,sizes",
+    [
+        ((torch.float32,), (7,)),
+        ((torch.float64, torch.float32), (1025, 3)),
+        ((torch.bfloat16, torch.float16, torch.float32), (65537, 5, 0)),
+    ],
+)
+def test_opcheck_sumsq(seed, dtypes, sizes):
+    gen = torch.Generator().manual_seed(seed)
+    xs = [
+        torch.randn(n, dtype=torch.float64, generator=gen).to(d) for d, n in zip(dtypes, sizes, strict=True)
+    ]
+    _opcheck(torch.ops.rose_kernels.sumsq.default, (xs,))
+
+
+@pytest.mark.parametrize("with_b", [False, True])
+@pytest.mark.parametrize("global_pool", [False, True])
+@pytest.mark.parametrize(
+    "dtypes,sizes,strategy",
+    [
+        ((torch.float32,), (100,), ops.SELECT_AUTO),
+        ((torch.float64, torch.float64), (33, 40000), ops.SELECT_RADIX),
+        ((torch.bfloat16, torch.float32, torch.float16), (40000, 7, 1), ops.SELECT_AUTO),
+    ],
+)
+def test_opcheck_element_thresholds(seed, dtypes, sizes, strategy, global_pool, with_b):
+    gen = torch.Generator().manual_seed(seed)
+    a = [torch.randn(n, dtype=torch.float64, generator=gen).to(d) for d, n in zip(dtypes, sizes, strict=True)]
+    b = [
+        torch.randn(n, dtype=torch.float64, generator=gen).to(opmath(d))
+        for d, n in zip(dtypes, sizes, strict=True)
+    ]
+    scales = [0.1] * len(a)
+    if not with_b:
+        b, scales = [], []
+    args = (a, b, scales, 0.25, 0.75, global_pool, strategy)
+    _opcheck(torch.ops.rose_kernels.element_thresholds.default, args)
+
+
+@pytest.mark.parametrize(
+    "dtypes,sizes",
+    [
+        ((torch.float32,), (100,)),
+        ((torch.float64, torch.bfloat16), (13, 65537)),
+        ((torch.float16, torch.float32, torch.float32), (8, 1, 0)),
+    ],
+)
+def test_opcheck_first_order_mask(seed, dtypes, sizes):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [
+        torch.randn(n, dtype=torch.float64, generator=gen).to(d) for d, n in zip(dtypes, sizes, strict=True)
+    ]
+    thresholds = torch.tensor([[0.2, 1.5]] * len(grads), dtype=torch.float64)
+    masks = [torch.zeros((n + 7) // 8, dtype=torch.uint8) for n in sizes]
+    _opcheck(torch.ops.rose_kernels.first_order_mask_.default, (grads, thresholds, masks))
+
+
+@pytest.mark.parametrize(
+    "dtypes,sizes,masks,table",
+    [
+        ((torch.float32,), (100,), (False,), {}),
+        (
+            (torch.float32, torch.bfloat16),
+            (65537, 20),
+            (True, False),
+            {"weight_first": 0.5, "weight_second": 0.5},
+        ),
+        (
+            (torch.float64, torch.float64),
+            (9, 1),
+            (True, True),
+            {"element_second": 1.0, "lower": 0.1, "upper": 2.0},
+        ),
+        (
+            (torch.bfloat16, torch.float16),
+            (33, 64),
+            (False, True),
+            {"weight_first": 1.0, "weight_second": 0.0},
+        ),
+    ],
+)
+def test_opcheck_masked_adamw(seed, dtypes, sizes, masks, table):
+    gen = torch.Generator().manual_seed(seed)
+    args = adamw_inputs(dtypes, sizes, gen, masks=masks, steps=[3] * len(sizes))
+    _opcheck(torch.ops.rose_kernels.masked_adamw_.default, (*args, make_table(len(sizes), **table)))
+
+
+def test_masked_adamw_increments_steps_and_returns_shape(seed):
+    gen = torch.Generator().manual_seed(seed)
+    args = adamw_inputs((torch.float32, torch.bfloat16), (10, 3), gen, steps=[0, 5])
+    out = ops.masked_adamw_(*args, make_table(2))
+    assert out.shape == (2, 2) and out.dtype == torch.float64
+    assert [s.item() for s in args[4]] == [1.0, 6.0], seed
+    assert out[:, 0].tolist() == [10.0, 3.0], seed  # uniform mask 1: sum of mask values = numel
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: RuntimeError with a message that says what is wrong
+# ------------------------------------------------------------------------------------------------
+
+
+def _f(n=10, dtype=torch.float32):
+    return torch.randn(n, dtype=torch.float64).to(dtype)
+
+
+def _noncontig(n=10, dtype=torch.float32):
+    x = torch.randn(n, 2, dtype=torch.float64).to(dtype)[:, 0]
+    assert not x.is_contiguous()
+    return x
+
+
+BAD_SUMSQ = {
+    "int": (
+        lambda: [torch.arange(10, dtype=torch.int32)],
+        r"sumsq: tensors\[0\] must be float32, float64.*got Int",
+    ),
+    "int64 second": (lambda: [_f(), torch.arange(3)], r"tensors\[1\] must be float32.*got Long"),
+    "complex": (
+        lambda: [torch.randn(4, dtype=torch.complex64)],
+        r"tensors\[0\] must be float32.*ComplexFloat",
+    ),
+    "bool": (lambda: [torch.ones(4, dtype=torch.bool)], r"tensors\[0\] must be float32.*got Bool"),
+    "noncontiguous": (lambda: [_f(), _noncontig()], r"sumsq: tensors\[1\] must be contiguous"),
+    "sparse": (lambda: [_f().to_sparse()], r"SparseCPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SUMSQ))
+def test_sumsq_bad_inputs(case):
+    make, match = BAD_SUMSQ[case]
+    with pytest.raises(RuntimeError, match=match):
+        ops.sumsq(make())
+
+
+def _et(a=None, b=None, scales=None, q_lo=0.25, q_hi=0.75, global_pool=False, strategy=ops.SELECT_AUTO):
+    a = [_f(10)] if a is None else a
+    b = [] if b is None else b
+    scales = ([0.1] * len(b)) if scales is None else scales
+    return lambda: ops.element_thresholds(a, b, scales, q_lo, q_hi, global_pool, strategy)
+
+
+BAD_THRESHOLDS = {
+    "int a": (
+        _et(a=[torch.arange(10, dtype=torch.int32)]),
+        r"element_thresholds: a\[0\] must be float32.*got Int",
+    ),
+    "complex a": (
+        _et(a=[_f(), torch.randn(3, dtype=torch.complex128)]),
+        r"a\[1\] must be float32.*ComplexDouble",
+    ),
+    "noncontiguous a": (_et(a=[_noncontig()]), r"a\[0\] must be contiguous"),
+    "noncontiguous b": (_et(a=[_f(10)], b=[_noncontig(10)]), r"b\[0\] must be contiguous"),
+    "float64 b for float32 a": (
+        _et(a=[_f(10)], b=[_f(10, torch.float64)]),
+        r"b\[0\] must be Float.*got Double",
+    ),
+    "bf16 b for bf16 a": (
+        _et(a=[_f(10, torch.bfloat16)], b=[_f(10, torch.bfloat16)]),
+        r"b\[0\] must be Float \(the opmath type of a\[0\]\), got BFloat16",
+    ),
+    "float32 b for float64 a": (
+        _et(a=[_f(10, torch.float64)], b=[_f(10)]),
+        r"b\[0\] must be Double.*got Float",
+    ),
+    "int b": (_et(a=[_f(10)], b=[torch.ones(10, dtype=torch.int32)]), r"b\[0\] must be Float.*got Int"),
+    "numel mismatch": (_et(a=[_f(10)], b=[_f(9)]), r"b\[0\] has 9 elements, a\[0\] has 10"),
+    "b list length": (
+        _et(a=[_f(10), _f(4)], b=[_f(10)], scales=[0.1, 0.1]),
+        r"b must be empty or have one tensor",
+    ),
+    "scales length": (_et(a=[_f(10), _f(4)], b=[_f(10), _f(4)], scales=[0.1]), r"scales must have one entry"),
+    "scales without b": (_et(a=[_f(10)], b=[], scales=[0.1]), r"scales must have one entry"),
+    "nonfinite scale": (_et(a=[_f(10)], b=[_f(10)], scales=[INF]), r"scales must be finite, got inf"),
+    "nan scale": (_et(a=[_f(10)], b=[_f(10)], scales=[NAN]), r"scales must be finite"),
+    "q_lo > q_hi": (_et(q_lo=0.6, q_hi=0.3), r"q_lo \(0.6\) must not exceed q_hi \(0.3\)"),
+    "q_lo < 0": (_et(q_lo=-0.1), r"q_lo must be a quantile in \[0, 1\], got -0.1"),
+    "q_hi > 1": (_et(q_hi=1.5), r"q_hi must be a quantile in \[0, 1\], got 1.5"),
+    "q_lo nan": (_et(q_lo=NAN), r"q_lo must be a quantile in \[0, 1\]"),
+    "q_hi inf": (_et(q_hi=INF), r"q_hi must be a quantile in \[0, 1\]"),
+    "strategy 2": (_et(strategy=2), r"unknown strategy 2"),
+    "strategy -1": (_et(strategy=-1), r"unknown strategy -1"),
+    "global mix of float64 and float32": (
+        _et(a=[_f(10), _f(5, torch.float64)], global_pool=True),
+        r"a global pool cannot mix float64 with lower-precision tensors",
+    ),
+    "global mix of bf16 and float64": (
+        _et(a=[_f(10, torch.float64), _f(5, torch.bfloat16)], global_pool=True),
+        r"a global pool cannot mix float64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_THRESHOLDS))
+def test_element_thresholds_bad_inputs(case):
+    call, match = BAD_THRESHOLDS[case]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def _fm(grads=None, thresholds=None, masks=None):
+    grads = [_f(10), _f(3, torch.bfloat16)] if grads is None else grads
+    if thresholds is None:
+        thresholds = torch.tensor([[0.1, 1.0]] * len(grads), dtype=torch.float64)
+    masks = [torch.zeros((g.numel() + 7) // 8, dtype=torch.uint8) for g in grads] if masks is None else masks
+    return lambda: (ops.first_order_mask_(grads, thresholds, masks), masks)
+
+
+_TWO_MASKS = [torch.zeros(2, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8)]
+BAD_FIRST_ORDER = {
+    "int grads": (
+        _fm(grads=[torch.arange(10, dtype=torch.int64)]),
+        r"first_order_mask_: grads\[0\] must be float32",
+    ),
+    "complex grads": (
+        _fm(grads=[torch.randn(10, dtype=torch.complex64)]),
+        r"grads\[0\] must be float32.*Complex",
+    ),
+    "noncontiguous grads": (_fm(grads=[_f(10), _noncontig(3)]), r"grads\[1\] must be contiguous"),
+    "fewer masks": (_fm(masks=[torch.zeros(2, dtype=torch.uint8)]), r"got 2 grads but 1 masks"),
+    "more masks": (_fm(masks=[*_TWO_MASKS, torch.zeros(1, dtype=torch.uint8)]), r"got 2 grads but 3 masks"),
+    "thresholds rows": (
+        _fm(thresholds=torch.zeros(1, 2, dtype=torch.float64)),
+        r"thresholds must have shape \[2, 2\]",
+    ),
+    "thresholds cols": (
+        _fm(thresholds=torch.zeros(2, 3, dtype=torch.float64)),
+        r"must have shape \[2, 2\], got \[2, 3\]",
+    ),
+    "thresholds 1-d": (
+        _fm(thresholds=torch.zeros(4, dtype=torch.float64)),
+        r"thresholds must have shape \[2, 2\]",
+    ),
+    "thresholds float32": (
+        _fm(thresholds=torch.zeros(2, 2)),
+        r"thresholds must be a contiguous float64 CPU tensor",
+    ),
+    "thresholds noncontiguous": (
+        _fm(thresholds=torch.zeros(2, 2, dtype=torch.float64).t()),
+        r"thresholds must be a contiguous float64",
+    ),
+    "mask bytes too many": (
+        _fm(masks=[torch.zeros(3, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8)]),
+        r"masks\[0\] must hold 2 bytes \(1 bit per element\), got 3",
+    ),
+    "mask bytes too few": (
+        _fm(grads=[_f(9)], masks=[torch.zeros(1, dtype=torch.uint8)]),
+        r"masks\[0\] must hold 2 bytes",
+    ),
+    "mask one byte per element": (
+        _fm(grads=[_f(10)], masks=[torch.zeros(10, dtype=torch.uint8)]),
+        r"masks\[0\] must hold 2 bytes",
+    ),
+    "mask bool": (
+        _fm(masks=[torch.zeros(2, dtype=torch.bool), _TWO_MASKS[1]]),
+        r"masks\[0\] must be uint8, got Bool",
+    ),
+    "mask int8": (
+        _fm(masks=[_TWO_MASKS[0], torch.zeros(1, dtype=torch.int8)]),
+        r"masks\[1\] must be uint8, got Char",
+    ),
+    "mask noncontiguous": (
+        _fm(grads=[_f(10)], masks=[torch.zeros(2, 2, dtype=torch.uint8)[:, 0]]),
+        r"masks\[0\] must be contiguous",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIRST_ORDER))
+def test_first_order_mask_bad_inputs(case):
+    call, match = BAD_FIRST_ORDER[case]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def _adamw_case(edit, table=None):
+    """A valid masked_adamw_ call on (float32[10], bfloat16[9]) edited by `edit(args)`."""
+
+    def call(gen):
+        args = list(adamw_inputs((torch.float32, torch.bfloat16), (10, 9), gen, masks=(True, False)))
+        tbl = make_table(2, weight_first=0.5, weight_second=0.5) if table is None else table
+        args.append(tbl)
+        edit(args)
+        return args
+
+    return call
+
+
+def _set(pos, i, value):
+    def edit(args):
+        if i is None:
+            args[pos] = value
+        else:
+            args[pos][i] = value(args[pos][i]) if callable(value) else value
+
+    return edit
+
+
+P, G, M, V, S, FM, T = range(7)
+BAD_ADAMW = {
+    "one grad missing": (
+        _adamw_case(lambda a: a[G].pop()),
+        r"must have one entry per parameter; got 2, 1, 2, 2, 2, 2",
+    ),
+    "extra exp_avg": (
+        _adamw_case(lambda a: a[M].append(_f(10))),
+        r"one entry per parameter; got 2, 2, 3, 2, 2, 2",
+    ),
+    "one state_step missing": (_adamw_case(lambda a: a[S].pop()), r"one entry per parameter"),
+    "one first_mask missing": (_adamw_case(lambda a: a[FM].pop()), r"one entry per parameter"),
+    "table rows": (
+        _adamw_case(_set(T, None, make_table(3))),
+        r"table must have shape \[2, 15\], got \[3, 15\]",
+    ),
+    "table cols": (
+        _adamw_case(_set(T, None, torch.zeros(2, 14, dtype=torch.float64))),
+        r"table must have shape \[2, 15\], got \[2, 14\]",
+    ),
+    "table float32": (
+        _adamw_case(_set(T, None, make_table(2).float())),
+        r"table must be a contiguous float64",
+    ),
+    "table noncontiguous": (
+        _adamw_case(_set(T, None, torch.zeros(15, 2, dtype=torch.float64).t())),
+        r"table must be a contiguous float64",
+    ),
+    "int params": (
+        _adamw_case(_set(P, 0, torch.zeros(10, dtype=torch.int32))),
+        r"params\[0\] must be float32",
+    ),
+    "complex params": (
+        _adamw_case(_set(P, 1, torch.zeros(9, dtype=torch.complex64))),
+        r"params\[1\] must be float32.*ComplexFloat",
+    ),
+    "grad dtype": (
+        _adamw_case(_set(G, 0, lambda g: g.double())),
+        r"grads\[0\] is Double but params\[0\] is Float",
+    ),
+    "bf16 exp_avg for bf16 params": (
+        _adamw_case(_set(M, 1, lambda m: m.bfloat16())),
+        r"exp_avgs\[1\] and exp_avg_sqs\[1\] must be Float for BFloat16 params",
+    ),
+    "bf16 exp_avg_sq for bf16 params": (
+        _adamw_case(_set(V, 1, lambda m: m.bfloat16())),
+        r"exp_avg_sqs\[1\] must be Float for BFloat16 params",
+    ),
+    "float64 exp_avg for float32 params": (
+        _adamw_case(_set(M, 0, lambda m: m.double())),
+        r"must be Float for Float params",
+    ),
+    "numel mismatch grads": (
+        _adamw_case(_set(G, 0, _f(11))),
+        r"params\[0\] has 10 elements but grads/exp_avgs/exp_avg_sqs have 11/10/10",
+    ),
+    "numel mismatch exp_avg_sq": (
+        _adamw_case(_set(V, 1, torch.zeros(8))),
+        r"params\[1\] has 9 elements but grads/exp_avgs/exp_avg_sqs have 9/9/8",
+    ),
+    "int state_step": (
+        _adamw_case(_set(S, 0, torch.tensor(0, dtype=torch.int64))),
+        r"state_steps\[0\] must be a one-element floating-point CPU tensor",
+    ),
+    "two-element state_step": (
+        _adamw_case(_set(S, 1, torch.zeros(2))),
+        r"state_steps\[1\] must be a one-element",
+    ),
+    "first mask byte count": (
+        _adamw_case(_set(FM, 0, torch.zeros(1, dtype=torch.uint8))),
+        r"first_masks\[0\] must be a uint8 tensor of 2 bytes",
+    ),
+    "first mask dtype": (
+        _adamw_case(_set(FM, 1, torch.zeros(2, dtype=torch.bool))),
+        r"first_masks\[1\] must be a uint8 tensor of 2 bytes",
+    ),
+    "first mask noncontiguous": (
+        _adamw_case(_set(FM, 0, torch.zeros(2, 2, dtype=torch.uint8)[:, 0])),
+        r"first_masks\[0\] must be contiguous",
+    ),
+    "noncontiguous params": (_adamw_case(_set(P, 0, _noncontig(10))), r"params\[0\] must be contiguous"),
+    "noncontiguous grads": (
+        _adamw_case(_set(G, 1, _noncontig(9, torch.bfloat16))),
+        r"grads\[1\] must be contiguous",
+    ),
+    "noncontiguous exp_avg": (_adamw_case(_set(M, 0, _noncontig(10))), r"exp_avgs\[0\] must be contiguous"),
+    "noncontiguous exp_avg_sq": (
+        _adamw_case(_set(V, 1, _noncontig(9))),
+        r"exp_avg_sqs\[1\] must be contiguous",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAMW))
+def test_masked_adamw_bad_inputs_leave_state_untouched(seed, case):
+    make, match = BAD_ADAMW[case]
+    args = make(torch.Generator().manual_seed(seed))
+    before = [[t.clone() if isinstance(t, torch.Tensor) else t for t in x] for x in args[:6]]
+    with pytest.raises(RuntimeError, match=match):
+        ops.masked_adamw_(*args)
+    # Checks run before anything is written: params, moments and step counters are unchanged.
+    for pos in (P, M, V, S):
+        for j, (a, b) in enumerate(zip(before[pos], args[pos], strict=False)):
+            if a.dtype == b.dtype and a.shape == b.shape:
+                assert torch.equal(a, b), f"seed={seed} {case}: input {pos}[{j}] changed"
+
+
+# ------------------------------------------------------------------------------------------------
+# sumsq
+# ------------------------------------------------------------------------------------------------
+
+SUMSQ_SIZES = (0, 1, 7, 1023, 1024, 1025, 65535, 65536, 65537, 200003)
+
+
+def _sumsq_rtol(dtype):
+    return 1e-12 if dtype == torch.float64 else 1e-6
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("size", SUMSQ_SIZES)
+def test_sumsq_matches_float64_sum(seed, dtype, size):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(size, dtype=torch.float64, generator=gen) * 3 + 1).to(dtype)
+    got = ops.sumsq([x])
+    assert got.shape == (1,) and got.dtype == torch.float64
+    want = x.to(torch.float64).pow(2).sum().item()
+    assert math.isclose(got.item(), want, rel_tol=_sumsq_rtol(dtype), abs_tol=0.0), (seed, got.item(), want)
+
+
+def test_sumsq_many_tensors_one_call(seed):
+    """Tensors of every size and dtype in one call: chunks never leak into a neighbour's sum."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = []
+    for size in SUMSQ_SIZES:
+        for dtype in FLOATS:
+            scale = 10.0 ** torch.randint(-3, 4, (), generator=gen).item()
+            xs.append((torch.randn(size, dtype=torch.float64, generator=gen) * scale).to(dtype))
+    got = ops.sumsq(xs).tolist()
+    for i, x in enumerate(xs):
+        want = x.to(torch.float64).pow(2).sum().item()
+        assert math.isclose(got[i], want, rel_tol=_sumsq_rtol(x.dtype), abs_tol=0.0), (
+            f"seed={seed} tensor {i} ({x.dtype}, {x.numel()}): {got[i]} vs {want}"
+        )
+
+
+def test_sumsq_multidimensional_and_exact_small_integers():
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    assert ops.sumsq([x]).item() == sum(i * i for i in range(24))
+    assert ops.sumsq([x.bfloat16()[:, :2].contiguous()]).item() == float(x[:, :2].double().pow(2).sum())
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("size", [1, 9, 65536, 65537 + 8])
+@pytest.mark.parametrize(
+    "bad,want", [(INF, INF), (-INF, INF), (NAN, NAN), ("inf+nan", NAN), ("inf-inf", INF)]
+)
+def test_sumsq_nonfinite_propagates(seed, dtype, size, bad, want):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, dtype=torch.float64, generator=gen).to(dtype)
+    pos = torch.randint(0, size, (2,), generator=gen).tolist()
+    if bad == "inf+nan":
+        x[pos[0]], x[pos[1]] = INF, NAN
+        if pos[0] == pos[1]:
+            x[pos[0]] = NAN
+    elif bad == "inf-inf":
+        x[pos[0]], x[pos[1]] = INF, -INF
+    else:
+        x[pos[0]] = bad
+    finite = torch.randn(17, dtype=torch.float64, generator=gen).to(dtype)
+    got = ops.sumsq([finite, x, finite]).tolist()
+    msg = f"seed={seed} positions={pos}"
+    if math.isnan(want):
+        assert math.isnan(got[1]), msg
+    else:
+        assert got[1] == want, msg
+    assert math.isfinite(got[0]) and got[0] == got[2], msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("value", [3e19, 1e-25])
+def test_sumsq_keeps_float64_range_for_finite_inputs(dtype, value):
+    """The oracle sums squares in float64 (reference.second_order_tensor_score): a finite float32
+    gradient whose square leaves float32's range must neither become inf (the CPU backend then
+    treats the step as non-finite) nor 0 (a tensor norm of 0 makes the second-order score undefined)."""
+    x = torch.full((33,), value, dtype=dtype)
+    want = x.to(torch.float64).pow(2).sum().item()
+    got = ops.sumsq([x]).item()
+    assert math.isclose(got, want, rel_tol=1e-6, abs_tol=0.0), (
+        f"{dtype} [{value}] * 33: got {got}, want {want}"
+    )
+
+
+def test_sumsq_independent_of_thread_count(seed, restore_threads):
+    gen = torch.Generator().manual_seed(seed)
+    xs = [
+        torch.randn(n, dtype=torch.float64, generator=gen).to(d) for n in (300001, 70000, 5) for d in FLOATS
+    ]
+    torch.set_num_threads(1)
+    one = ops.sumsq(xs)
+    torch.set_num_threads(2)
+    two = ops.sumsq(xs)
+    assert torch.equal(one, two), f"seed={seed}: {one} vs {two}"
+
+
+# ------------------------------------------------------------------------------------------------
+# first_order_mask_
+# ------------------------------------------------------------------------------------------------
+
+MASK_SIZES = (0, 1, 7, 8, 9, 63, 64, 65, 127, 128, 129, 65535, 65536, 65537, 131072 + 3)
+
+
+def _check_masks(grads, thresholds, masks, kept, msg):
+    assert kept.shape == (len(grads),) and kept.dtype == torch.float64, msg
+    for i, (g, mask) in enumerate(zip(grads, masks, strict=True)):
+        lo, hi = thresholds[i].tolist()
+        n = g.numel()
+        got = unpack_bits(mask, n)
+        want = reference.in_interval(g.to(opmath(g.dtype)).abs(), lo, hi)
+        if not torch.equal(got, want):
+            bad = (got != want).nonzero().flatten()[:5].tolist()
+            raise AssertionError(
+                f"{msg}: tensor {i} ({g.dtype}, n={n}, lo={lo!r}, hi={hi!r}): bits differ at {bad}: "
+                f"|g|={[abs(g[j].item()) for j in bad]}, got {got[bad].tolist()}, want {want[bad].tolist()}"
+            )
+        assert kept[i].item() == int(want.sum()), (
+            f"{msg}: tensor {i}: kept {kept[i].item()} vs {int(want.sum())}"
+        )
+        pad = np.unpackbits(mask.numpy(), bitorder="little")[n:]
+        assert not pad.any(), f"{msg}: tensor {i}: padding bits past element {n} are set"
+
+
+def _random_bounds(g: torch.Tensor, gen: torch.Generator) -> tuple[float, float]:
+    """Thresholds: random doubles between scores, or exact score values (inclusive ends)."""
+    s = g.to(opmath(g.dtype)).abs().to(torch.float64)
+    kind = torch.randint(0, 4, (), generator=gen).item()
+    if s.numel() == 0 or kind == 0:
+        lo, hi = sorted(torch.rand(2, dtype=torch.float64, generator=gen).mul(2).tolist())
+    elif kind == 1:  # exact score values: both ends inclusive
+        lo, hi = sorted(s[torch.randint(0, s.numel(), (2,), generator=gen)].tolist())
+    elif kind == 2:  # a score value +- a little less than half a float32 ulp (between floats)
+        v = s[torch.randint(0, s.numel(), (2,), generator=gen)].tolist()
+        lo, hi = sorted(v)
+        lo, hi = lo * (1 - 2.0**-26), hi * (1 + 2.0**-26)
+    else:
+        lo, hi = 0.0, float(s.quantile(0.5)) if s.numel() < 2**24 else 1.0
+    return lo, hi
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("size", MASK_SIZES)
+def test_first_order_mask_bits_match_reference(seed, dtype, size):
+    gen = torch.Generator().manual_seed(seed)
+    grads, rows = [], []
+    for _ in range(3):
+        g = torch.randn(size, dtype=torch.float64, generator=gen).to(dtype)
+        grads.append(g)
+        rows.append(_random_bounds(g, gen))
+    thresholds = torch.tensor(rows, dtype=torch.float64)
+    masks = [torch.full(((size + 7) // 8,), 0xFF, dtype=torch.uint8) for _ in grads]  # all stale bits set
+    kept = ops.first_order_mask_(grads, thresholds, masks)
+    _check_masks(grads, thresholds, masks, kept, f"seed={seed} rows={rows}")
+
+
+def test_first_order_mask_mixed_dtypes_and_sizes_one_call(seed):
+    gen = torch.Generator().manual_seed(seed)
+    grads, rows = [], []
+    for size in MASK_SIZES:
+        for dtype in FLOATS:
+            g = (torch.randn(size, dtype=torch.float64, generator=gen) * 1e-3).to(dtype)
+            g[torch.rand(size, generator=gen) < 0.1] = 0.0
+            grads.append(g)
+            rows.append(_random_bounds(g, gen))
+    thresholds = torch.tensor(rows, dtype=torch.float64)
+    masks = [torch.full(((g.numel() + 7) // 8,), 0xA5, dtype=torch.uint8) for g in grads]
+    kept = ops.first_order_mask_(grads, thresholds, masks)
+    _check_masks(grads, thresholds, masks, kept, f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize(
+    "lo,hi",
+    [
+        (0.0, INF),
+        (INF, INF),
+        (0.5, 2.0),
+        (0.0, 0.0),
+        (NAN, NAN),  # empty pool: nothing qualifies
+        (2.0, 0.5),  # lo > hi: nothing qualifies
+        (-INF, INF),
+        (1e300, INF),  # finite lo beyond float32's range, hi = inf
+        (3.5e38, INF),  # just beyond float32's largest finite value
+        (1e300, 1e300),
+        (3.4028234663852886e38, INF),  # float32's largest finite value
+    ],
+)
+def test_first_order_mask_nonfinite_gradients(dtype, lo, hi):
+    """+inf scores (|+-inf|) qualify only when lo == hi == +inf; NaN scores never do."""
+    big = torch.finfo(dtype).max
+    g = torch.tensor([INF, -INF, NAN, 0.0, 1.0, -1.0, 0.5, 2.0, big, -big, 3.0], dtype=torch.float64).to(
+        dtype
+    )
+    g = g.repeat(7)  # 77 elements: whole bytes, one partial byte, both sides of a 64-bit word
+    thresholds = torch.tensor([[lo, hi]], dtype=torch.float64)
+    masks = [torch.full(((g.numel() + 7) // 8,), 0xFF, dtype=torch.uint8)]
+    kept = ops.first_order_mask_([g], thresholds, masks)
+    _check_masks([g], thresholds, masks, kept, f"lo={lo} hi={hi}")
+    bits = unpack_bits(masks[0], g.numel())
+    inf_kept = bits[0::11].any() or bits[1::11].any()
+    assert inf_kept == (lo == INF and hi == INF), f"lo={lo} hi={hi}: +inf gradient kept={inf_kept}"
+    assert not bits[2::11].any(), "a NaN gradient was kept"
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU capabilities
+# ------------------------------------------------------------------------------------------------
+
+
+def _supported_capabilities() -> list[str]:
+    names = []
+    try:
+        for want in ("default", "avx2", "avx512"):
+            try:
+                names.append(ops.cpu_capability(want))
+            except RuntimeError as error:
+                assert "does not support" in str(error) or "unknown CPU capability" in str(error), error
+    finally:
+        ops.cpu_capability("auto")
+    return names
+
+
+def test_cpu_capability_names_and_switching(restore_capability):
+    start = ops.cpu_capability()
+    assert start in CAPABILITIES
+    assert ops.cpu_capability("default") == "DEFAULT"
+    assert ops.cpu_capability() == "DEFAULT"
+    assert ops.cpu_capability("auto") == start
+    assert ops.cpu_capability() == start
+    supported = _supported_capabilities()
+    assert "DEFAULT" in supported and start in supported
+    assert set(supported) <= set(CAPABILITIES)
+    assert ops.cpu_capability() == start
+
+
+@pytest.mark.parametrize("name", ["sse", "AVX2x", ""])
+def test_cpu_capability_unknown_name(name, restore_capability):
+    start = ops.cpu_capability()
+    with pytest.raises(RuntimeError, match="unknown CPU capability"):
+        ops.cpu_capability(name)
+    assert ops.cpu_capability() == start
+
+
+def _capability_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = [
+        torch.randn(200003, dtype=torch.float64, generator=gen).to(torch.float32),
+        torch.randn(40001, dtype=torch.float64, generator=gen).to(torch.bfloat16),
+        torch.randn(1023, dtype=torch.float64, generator=gen).to(torch.float16),
+        torch.randn(33, dtype=torch.float64, generator=gen).to(torch.float32),
+    ]
+    b = [torch.randn(x.numel(), generator=gen) for x in a]
+    for m in b:
+        m[torch.rand(m.numel(), generator=gen) < 0.2] = 0.0
+    a64 = [torch.randn(n, dtype=torch.float64, generator=gen) for n in (100003, 999)]
+    b64 = [torch.randn(n, dtype=torch.float64, generator=gen) for n in (100003, 999)]
+    # Small pools: there the interpolation x_k + f * (x_k+1 - x_k) is far from x_k, so any change in
+    # how it is rounded shows.
+    # (float64 separately: a per-tensor call mixing float64 and float32 is tested in test_select.py)
+    small = [
+        [torch.rand(n, dtype=torch.float64, generator=gen).to(d) for n in (2, 3, 5, 11) for d in dtypes]
+        for dtypes in ((torch.float32, torch.bfloat16, torch.float16), (torch.float64,))
+    ]
+    qs = [torch.rand(2, dtype=torch.float64, generator=gen).sort().values.tolist() for _ in range(4)]
+    return a, b, a64, b64, small, qs
+
+
+def _capability_results(a, b, a64, b64, small, qs):
+    out = {}
+    for strategy in (ops.SELECT_AUTO, ops.SELECT_RADIX):
+        for glob in (False, True):
+            q = qs[0]
+            out[f"thr a s{strategy} g{glob}"] = ops.element_thresholds(a, [], [], *q, glob, strategy)
+            out[f"thr ab s{strategy} g{glob}"] = ops.element_thresholds(a, b, [0.1] * 4, *q, glob, strategy)
+            out[f"thr64 s{strategy} g{glob}"] = ops.element_thresholds(
+                a64, b64, [0.5] * 2, *q, glob, strategy
+            )
+        for i, q in enumerate(qs):
+            for j, pools in enumerate(small):
+                out[f"thr small{j} q{i} s{strategy}"] = ops.element_thresholds(
+                    pools, [], [], *q, False, strategy
+                )
+    thr = out["thr a s0 gFalse"][:, :2].contiguous()
+    masks = [torch.empty((x.numel() + 7) // 8, dtype=torch.uint8) for x in a]
+    out["mask kept"] = ops.first_order_mask_(a, thr, masks)
+    out["mask bits"] = torch.cat(masks)
+    return out
+
+
+def test_capabilities_agree_on_thresholds_and_masks(seed, restore_capability):
+    """Selection is exact, so every capability must return the same bits."""
+    inputs = _capability_inputs(seed)
+    results = {}
+    for name in _supported_capabilities():
+        ops.cpu_capability(name.lower())
+        results[name] = _capability_results(*inputs)
+    ops.cpu_capability("auto")
+    base_name = "DEFAULT"
+    differ = []
+    for name, res in results.items():
+        for key, value in res.items():
+            base = results[base_name][key]
+            if not torch.equal(value, base):
+                rows = (value != base).any(dim=-1).nonzero().flatten().tolist() if value.dim() == 2 else []
+                got, want = value[rows].tolist(), base[rows].tolist()
+                differ.append(f"{key}: {name} vs {base_name} rows {rows}: {got} vs {want}")
+    assert not differ, f"seed={seed}: capabilities disagree:\n" + "\n".join(differ[:10])
+
+
+def test_capabilities_sumsq_accuracy(seed, restore_capability):
+    """sumsq sums in vector lanes whose width depends on the capability (and fmadd is fused only on
+    AVX2/AVX-512), so the capabilities may differ in the last bits: each must be as accurate as the
+    float64 sum, and each must be deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, dtype=torch.float64, generator=gen).to(d) for n in SUMSQ_SIZES for d in FLOATS]
+    want = [x.to(torch.float64).pow(2).sum().item() for x in xs]
+    for name in _supported_capabilities():
+        ops.cpu_capability(name.lower())
+        got = ops.sumsq(xs)
+        assert torch.equal(got, ops.sumsq(xs)), f"seed={seed} {name}: sumsq not deterministic"
+        for i, x in enumerate(xs):
+            assert math.isclose(got[i].item(), want[i], rel_tol=_sumsq_rtol(x.dtype), abs_tol=0.0), (
+                f"seed={seed} {name}: tensor {i} ({x.dtype}, n={x.numel()}): {got[i].item()} vs {want[i]}"
+            )
