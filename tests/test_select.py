@@ -779,3 +779,21 @@ def test_pool_beyond_int32_indexing():
     kept = ops.first_order_mask_([a], torch.tensor([[0.0, 0.0]], dtype=torch.float64), [mask])
     assert kept.item() == 1 and mask[zero_at // 8].item() == 1 << (zero_at % 8)
     print(f"build {build_s:.1f} s, element_thresholds calls {timings} s")
+
+
+@pytest.mark.parametrize("strategy", [ops.SELECT_AUTO, ops.SELECT_RADIX])
+@pytest.mark.parametrize("q_lo, q_hi", [(0.3, 0.6), (0.0, 0.5), (0.5, 1.0), (0.0, 1.0)])
+def test_few_defined_scores_in_a_large_pool(seed, strategy, q_lo, q_hi):
+    # Past the direct-path size but with only a handful of defined scores (b == 0 elsewhere): the
+    # wanted ranks include 0 and n - 1 while only interior quantiles are bracketed.
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(40_000, generator=gen)
+    b = torch.zeros(40_000)
+    where = torch.randperm(40_000, generator=gen)[:3]
+    b[where] = torch.randn(3, generator=gen)
+    out = ops.element_thresholds([a], [b], [0.1], q_lo, q_hi, False, strategy)
+    scores, defined = reference.second_order_element_scores(a, b, 0.1)
+    pool = scores[defined]
+    assert out[0, 2].item() == 3, f"seed={seed}"
+    assert out[0, 0].item() == reference.quantile(pool, q_lo), f"seed={seed}"
+    assert out[0, 1].item() == reference.quantile(pool, q_hi), f"seed={seed}"
