@@ -152,21 +152,26 @@ double sumsq_range(const scalar_t* x, int64_t n) {
   return total;
 }
 
-inline void sumsq(const TensorList& xs, double* out) {
+// Runs f(chunk, tag) -> double over every chunk of xs in parallel (tag: a null pointer of the
+// tensor's element type) and sums the results per tensor into out. Chunks are summed in a fixed
+// order, so the result does not depend on the thread count.
+template <typename F>
+void reduce_chunks(const TensorList& xs, double* out, F&& f) {
   const auto chunks = make_chunks(xs);
   std::vector<double> partial(chunks.size());
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& ch = chunks[c];
-      dispatch_float_type(xs[ch.tensor].scalar_type(), [&](auto* tag) {
-        using scalar_t = std::remove_pointer_t<decltype(tag)>;
-        partial[c] = sumsq_range(xs[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
-      });
-    }
+    for (int64_t c = lo; c < hi; ++c)
+      dispatch_float_type(xs[chunks[c].tensor].scalar_type(), [&](auto* tag) { partial[c] = f(chunks[c], tag); });
   });
-  // Chunks are summed in a fixed order: the result does not depend on the thread count.
   for (size_t t = 0; t < xs.size(); ++t) out[t] = 0;
   for (size_t c = 0; c < chunks.size(); ++c) out[chunks[c].tensor] += partial[c];
+}
+
+inline void sumsq(const TensorList& xs, double* out) {
+  reduce_chunks(xs, out, [&](const Chunk& ch, auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    return sumsq_range(xs[ch.tensor].data_ptr<scalar_t>() + ch.begin, ch.end - ch.begin);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -932,21 +937,12 @@ int64_t first_order_mask_range(const scalar_t* g, uint8_t* bits, int64_t begin, 
 
 inline void first_order_mask(const TensorList& g, const double* thresholds, TensorList& masks,
                              double* kept) {
-  const auto chunks = make_chunks(g);
-  std::vector<int64_t> partial(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      const Chunk& ch = chunks[c];
-      dispatch_float_type(g[ch.tensor].scalar_type(), [&](auto* tag) {
-        using scalar_t = std::remove_pointer_t<decltype(tag)>;
-        partial[c] = first_order_mask_range(g[ch.tensor].data_ptr<scalar_t>(),
-                                            masks[ch.tensor].data_ptr<uint8_t>(), ch.begin, ch.end,
-                                            thresholds[2 * ch.tensor], thresholds[2 * ch.tensor + 1]);
-      });
-    }
+  reduce_chunks(g, kept, [&](const Chunk& ch, auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    return static_cast<double>(first_order_mask_range(g[ch.tensor].data_ptr<scalar_t>(),
+                                                      masks[ch.tensor].data_ptr<uint8_t>(), ch.begin, ch.end,
+                                                      thresholds[2 * ch.tensor], thresholds[2 * ch.tensor + 1]));
   });
-  for (size_t t = 0; t < g.size(); ++t) kept[t] = 0;
-  for (size_t c = 0; c < chunks.size(); ++c) kept[chunks[c].tensor] += static_cast<double>(partial[c]);
 }
 
 // ------------------------------------------------------------------------------------------------
