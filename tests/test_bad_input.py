@@ -15,6 +15,14 @@ from rose_kernels import RoseAdamW
 nan, inf = math.nan, math.inf
 
 
+def assert_raises_unchanged(opt, call, error, match, msg):
+    """``call()`` raises ``error`` matching ``match``, and nothing in ``opt`` changed."""
+    before = snapshot(opt)
+    with pytest.raises(error, match=match):
+        call()
+    assert_snapshot_equal(before, snapshot(opt), msg)
+
+
 def _p(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
@@ -177,10 +185,7 @@ def test_sparse_gradient_raises_before_any_change(seed, mode, where):
     for p, g in zip(params, _grads(params, gen), strict=True):
         p.grad = g
     params[idx].grad = params[idx].grad.to_sparse()
-    before = snapshot(opt)
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
+    assert_raises_unchanged(opt, opt.step, RuntimeError, "sparse", f"seed={seed}")
 
 
 def test_sparse_kl_gradient_raises(seed):
@@ -189,10 +194,7 @@ def test_sparse_kl_gradient_raises(seed):
     for p, g in zip(params, _grads(params, gen), strict=True):
         p.grad = g
     params[0].grad = params[0].grad.to_sparse()
-    before = snapshot(opt)
-    with pytest.raises(RuntimeError, match="sparse"):
-        opt.record_first_order()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
+    assert_raises_unchanged(opt, opt.record_first_order, RuntimeError, "sparse", f"seed={seed}")
 
 
 @pytest.mark.parametrize("bad", [nan, -1.0, inf])
@@ -202,10 +204,7 @@ def test_bad_lr_set_later_raises_at_step(seed, bad):
     opt.param_groups[1]["lr"] = bad  # the second group: the first one must not move either
     for p, g in zip(params, _grads(params, gen), strict=True):
         p.grad = g
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match="lr"):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
+    assert_raises_unchanged(opt, opt.step, ValueError, "lr", f"seed={seed}")
 
 
 def test_scheduler_producing_nan_lr_raises(seed):
@@ -217,10 +216,7 @@ def test_scheduler_producing_nan_lr_raises(seed):
     assert all(math.isnan(g["lr"]) for g in opt.param_groups)
     for p, g in zip(params, _grads(params, gen), strict=True):
         p.grad = g
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match="lr"):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
+    assert_raises_unchanged(opt, opt.step, ValueError, "lr", f"seed={seed}")
 
 
 def test_bad_betas_set_later_raise_at_step(seed):
@@ -229,10 +225,7 @@ def test_bad_betas_set_later_raise_at_step(seed):
     opt.param_groups[0]["betas"] = (0.9, 1.0)
     for p, g in zip(params, _grads(params, gen), strict=True):
         p.grad = g
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match="betas"):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
+    assert_raises_unchanged(opt, opt.step, ValueError, "betas", f"seed={seed}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,10 +269,7 @@ def test_nonfinite_grad_raise(seed, backend, mode, granularity, where):
         opt.record_first_order()
     for p, g in zip(params, grads, strict=True):
         p.grad = g
-    before = snapshot(opt)
-    with pytest.raises(RuntimeError, match="non-finite"):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt), msg)
+    assert_raises_unchanged(opt, opt.step, RuntimeError, "non-finite", msg)
     assert opt.skipped_steps == 0
 
 
@@ -329,10 +319,9 @@ def test_nonfinite_kl_grad_raise(seed, backend, mode, granularity):
     what = _poison(params, kl, rng, "eligible")
     for p, g in zip(params, kl, strict=True):
         p.grad = g
-    before = snapshot(opt)
-    with pytest.raises(RuntimeError, match="record_first_order|non-finite"):
-        opt.record_first_order()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed} {what}")
+    assert_raises_unchanged(
+        opt, opt.record_first_order, RuntimeError, "record_first_order|non-finite", f"seed={seed} {what}"
+    )
     # the next batch works normally once its scores are recorded
     _full_step(opt, params, gen)
     assert all(float(opt.state[p]["step"]) == 2 for p in params)
@@ -378,10 +367,7 @@ def test_step_without_record_first_order(seed, backend, mode):
     opt, params, gen = _setup(seed, mode, backend=backend)
     for p, g in zip(params, _grads(params, gen), strict=True):
         p.grad = g
-    before = snapshot(opt)
-    with pytest.raises(RuntimeError, match="record_first_order"):
-        opt.step()
-    assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
+    assert_raises_unchanged(opt, opt.step, RuntimeError, "record_first_order", f"seed={seed}")
     _full_step(opt, params, gen)
     # the record is used up by one step
     with pytest.raises(RuntimeError, match="record_first_order"):
