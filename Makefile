@@ -1,10 +1,12 @@
 # `make test` and `make bench` do their own set-up on a fresh machine: a .venv with the CPU build of
-# torch (torch==2.13.0; never a CUDA build), the test tools, and the C++ extension built in place.
+# torch (torch==2.13.0; never a CUDA build), Triton (its kernels run interpreted on the CPU in the
+# tests), the test tools, and the C++ extension built in place.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 TORCH_PIN := torch==2.13.0
+TRITON_PIN := triton==3.6.0
 TEST_DEPS := numpy pytest hypothesis pytest-benchmark ruff setuptools wheel
 
 .PHONY: all build test lint bench clean
@@ -14,9 +16,9 @@ all: test
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS): $(BIN)/python
+$(DEPS): $(BIN)/python Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_PIN) $(TEST_DEPS)
+	$(BIN)/python -m pip install -q $(TORCH_PIN) $(TRITON_PIN) $(TEST_DEPS)
 	touch $@
 
 # Incremental: setup.py lists the headers as dependencies, so only changed sources recompile.

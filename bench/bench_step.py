@@ -53,6 +53,15 @@ LAYOUTS = {
     # sentence-transformers/all-MiniLM-L6-v2 (a BertModel, pooler included): 22,713,216 parameters.
     "minilm": dict(vocab=30522, hidden=384, layers=6, intermediate=1536, positions=512,
                    type_vocab=2, prefix="", classifier=0),
+    # BertForSequenceClassification (bert-large-uncased, 2 labels): 335,143,938 parameters (GPU bench).
+    "bert-large": dict(vocab=30522, hidden=1024, layers=24, intermediate=4096, positions=512,
+                       type_vocab=2, prefix="bert.", classifier=2),
+    # A 1.3B-parameter encoder (GPT-2 XL-like widths, BERT names so the release's rule applies).
+    "1.3b": dict(vocab=50257, hidden=2048, layers=24, intermediate=8192, positions=2048,
+                 type_vocab=2, prefix="", classifier=0),
+    # A few blocks' worth, for smoke runs of the GPU bench under the Triton interpreter.
+    "tiny": dict(vocab=64, hidden=32, layers=2, intermediate=64, positions=16, type_vocab=2, prefix="",
+                 classifier=2),
 }
 
 

@@ -35,10 +35,12 @@ _ROSE_GROUP_KEYS = ("rose", "warmup_steps", "second_order_scale", "correct_bias"
 
 
 def _check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                  high_open: bool = False) -> float:
+                  high_open: bool = False, at_step: bool = False) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if at_step:
+            return None  # checked when the group was added; reading it here may wait for the device
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
@@ -58,9 +60,9 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_group(group: dict) -> None:
+def _check_group(group: dict, *, at_step: bool = False) -> None:
     """Raises ValueError naming the first bad hyper-parameter of a param group."""
-    _check_number("lr", group["lr"], low=0.0)
+    _check_number("lr", group["lr"], low=0.0, at_step=at_step)
     _check_number("eps", group["eps"], low=0.0)
     _check_number("weight_decay", group["weight_decay"], low=0.0)
     betas = group["betas"]
@@ -98,12 +100,14 @@ class RoseAdamW(Optimizer):
         second_order_scale: ``c`` of the second-order score; default ``1 - beta1``; ``0.1``
             reproduces the released code for any beta1.
         correct_bias: Adam bias correction.
-        backend: ``"auto"`` (fastest available for the parameters' device), ``"cpu"`` or
-            ``"reference"``.
+        backend: ``"auto"`` (fastest available for the parameters' device), ``"cpu"``, ``"triton"``
+            (CUDA; CPU tensors only under ``TRITON_INTERPRET=1``) or ``"reference"``.
         thresholds: ``"exact"`` quantiles.
         nonfinite: what a step with non-finite gradients does without a GradScaler: ``"raise"``
-            a RuntimeError, or ``"skip"`` the step with a warning (``skipped_steps`` counts them).
-            Either way no parameter or state changes.
+            a RuntimeError, or ``"skip"`` the step (``skipped_steps`` counts them). Either way no
+            parameter or state changes. ``"auto"`` (default) raises on the CPU, and skips on the
+            GPU, where the skip is decided on the device: raising there means waiting for the
+            device every step, which also rules out CUDA graphs.
 
     The state per parameter has the keys of ``torch.optim.AdamW`` (``step``, ``exp_avg``,
     ``exp_avg_sq``; moments in float32 for bf16/fp16 parameters), so checkpoints move both ways.
@@ -128,7 +132,7 @@ class RoseAdamW(Optimizer):
         correct_bias: bool = True,
         backend: str = "auto",
         thresholds: str = "exact",
-        nonfinite: str = "raise",
+        nonfinite: str = "auto",
     ):
         _check_choice("mode", mode, MODES)
         _check_choice("granularity", granularity, GRANULARITIES)
@@ -158,10 +162,15 @@ class RoseAdamW(Optimizer):
             thresholds=thresholds, nonfinite=nonfinite,
         )
         self.backend = backend
-        self.skipped_steps = 0
+        self._skipped_on_host = 0
+        self._skipped_on_device: torch.Tensor | None = None
         self._first_order: dict[torch.Tensor, Any] | None = None
         self._first_order_nonfinite = False
-        self._kept: dict[torch.Tensor, float] = {}
+        self._first_order_flag: torch.Tensor | None = None  # device-resident backends
+        self._first_order_buffers: dict[torch.Tensor, Any] = {}  # last masks, reused as buffers
+        self._workspace: dict = {}  # device-resident backends' scratch (selection guesses)
+        self._kept: dict[torch.Tensor, int] = {}  # parameter -> position in _kept_values
+        self._kept_values: list[float] | torch.Tensor = []
         self._exp_avg_sumsq: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
         super().__init__(params, defaults)
 
@@ -224,14 +233,21 @@ class RoseAdamW(Optimizer):
         self._exp_avg_sumsq.clear()
         self._first_order = None
         self._first_order_nonfinite = False
+        self._first_order_flag = None
+        self._workspace.clear()
 
     # -- the step -----------------------------------------------------------------------------
 
-    def _hyper(self, group: dict) -> GroupHyper:
+    def _hyper(self, group: dict, *, device_resident: bool) -> GroupHyper:
         beta1, beta2 = (float(b) for b in group["betas"])
         scale = group["second_order_scale"]
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and device_resident:
+            pass  # stays a tensor: read on the device (CUDA graphs replay whatever value it holds)
+        else:
+            lr = _check_number("lr", lr, low=0.0)
         return GroupHyper(
-            lr=float(group["lr"]),
+            lr=lr,
             beta1=beta1,
             beta2=beta2,
             eps=float(group["eps"]),
@@ -247,15 +263,31 @@ class RoseAdamW(Optimizer):
             raise RuntimeError(f"RoseAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
         return backends.resolve(self.backend, next(iter(devices)))
 
-    def _on_nonfinite(self, what: str) -> None:
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reading it waits for the device, if any)."""
+        on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device)
+        return self._skipped_on_host + on_device
+
+    def _policy(self, backend) -> str:
+        if self.rose.nonfinite != "auto":
+            return self.rose.nonfinite
+        return "skip" if getattr(backend, "device_resident", False) else "raise"
+
+    def _on_nonfinite(self, what: str, backend) -> None:
         message = (
             f"RoseAdamW: non-finite values in the {what}; the step was not taken and no parameter or "
             "state changed"
         )
-        if self.rose.nonfinite == "raise":
+        if self._policy(backend) == "raise":
             raise RuntimeError(message + " (pass nonfinite='skip' to skip such steps instead)")
-        self.skipped_steps += 1
+        self._skipped_on_host += 1
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _count_device_skip(self, flag: torch.Tensor) -> None:
+        if self._skipped_on_device is None or self._skipped_on_device.device != flag.device:
+            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=flag.device)
+        self._skipped_on_device.add_(flag)  # in place: a replayed CUDA graph keeps counting
 
     def _eligible_with_grads(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups if g["rose"] for p in g["params"] if p.grad is not None]
@@ -272,30 +304,43 @@ class RoseAdamW(Optimizer):
                 f"record_first_order() is for mode='first' or 'ensemble'; this optimizer has mode={self.rose.mode!r}"
             )
         params = self._eligible_with_grads()
-        self._first_order, self._first_order_nonfinite = {}, False
+        previous = self._first_order or self._first_order_buffers
+        self._first_order, self._first_order_nonfinite, self._first_order_flag = {}, False, None
         if not params:
             return
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("RoseAdamW does not support sparse gradients")
         warmup = {p: g["warmup_steps"] for g in self.param_groups if g["rose"] for p in g["params"]}
-        scored = []
-        for p in params:
-            state = self.state.get(p)
-            next_step = (float(state["step"]) if state else 0.0) + 1
-            scored.append(next_step > warmup[p])
+        state_steps = [self.state[p]["step"] if self.state.get(p) else None for p in params]
         kl_grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-        record = self._backend_for(params).record_first_order(kl_grads, scored, self.rose)
-        if record.nonfinite:
+        backend = self._backend_for(params)
+        warmups = [warmup[p] for p in params]
+        if getattr(backend, "device_resident", False):
+            record = backend.record_first_order(kl_grads, state_steps, warmups, self.rose,
+                                                reuse=[previous.get(p) for p in params], workspace=self._workspace)
+        else:
+            record = backend.record_first_order(kl_grads, state_steps, warmups, self.rose)
+        if isinstance(record.nonfinite, torch.Tensor):
+            if self._policy(backend) == "raise" and bool(record.nonfinite):
+                self._first_order = None
+                raise RuntimeError(
+                    "RoseAdamW.record_first_order: non-finite values in the first-order (KL) gradients; "
+                    "nothing was recorded (pass nonfinite='skip' to skip such steps instead)"
+                )
+            # Skipped on the device by the coming step's update.
+            self._first_order_flag = record.nonfinite
+        elif record.nonfinite:
             self._first_order = None
             self._first_order_nonfinite = True
-            if self.rose.nonfinite == "raise":
+            if self._policy(backend) == "raise":
                 raise RuntimeError(
                     "RoseAdamW.record_first_order: non-finite values in the first-order (KL) gradients; "
                     "nothing was recorded (pass nonfinite='skip' to skip such steps instead)"
                 )
             return
         self._first_order = {p: mask for p, mask in zip(params, record.masks, strict=True) if mask is not None}
+        self._first_order_buffers = self._first_order
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -308,7 +353,7 @@ class RoseAdamW(Optimizer):
         needs_first = cfg.mode in ("first", "ensemble")
         if needs_first and self._first_order_nonfinite:
             self._first_order_nonfinite = False
-            self._on_nonfinite("first-order (KL) gradients recorded for this step")
+            self._on_nonfinite("first-order (KL) gradients recorded for this step", None)
             return loss
         if needs_first and self._first_order is None:
             raise RuntimeError(
@@ -323,24 +368,33 @@ class RoseAdamW(Optimizer):
             return loss
         if needs_first:
             batch.first_order = [self._first_order.get(p) for p in batch.params]
+            batch.first_order_nonfinite = self._first_order_flag
+        batch.workspace = self._workspace
         batch.exp_avg_sumsq = [
             self._cached_exp_avg_sumsq(p, m) for p, m in zip(batch.params, batch.exp_avgs, strict=True)
         ]
 
-        result = self._backend_for(batch.params).step(batch, cfg)
+        backend = self._backend_for(batch.params)
+        result = backend.step(batch, cfg)
         self._first_order = None
-        if result.nonfinite:
-            self._on_nonfinite("gradients")
+        self._first_order_flag = None
+        if isinstance(result.nonfinite, torch.Tensor):
+            # Device-resident: a non-finite step was already skipped on the device.
+            if self._policy(backend) == "raise" and bool(result.nonfinite):
+                self._on_nonfinite("gradients", backend)
+            self._count_device_skip(result.nonfinite)
+        elif result.nonfinite:
+            self._on_nonfinite("gradients", backend)
             return loss
         for p, state in new_states:
             self.state[p] = state
-        self._kept = {}
-        for i, p in enumerate(batch.params):
-            if batch.eligible[i]:
-                self._kept[p] = result.kept[i]
-            if result.exp_avg_sumsq is not None:
+        self._kept = {p: i for i, p in enumerate(batch.params) if batch.eligible[i]}
+        self._kept_values = result.kept
+        sumsqs = result.exp_avg_sumsq
+        if sumsqs is not None:
+            for i, p in enumerate(batch.params):
                 m = batch.exp_avgs[i]
-                self._exp_avg_sumsq[p] = (weakref.ref(m), m._version, result.exp_avg_sumsq[i])
+                self._exp_avg_sumsq[p] = (weakref.ref(m), m._version, sumsqs[i])
         return loss
 
     def _cached_exp_avg_sumsq(self, p: torch.Tensor, exp_avg: torch.Tensor) -> float | None:
@@ -360,9 +414,11 @@ class RoseAdamW(Optimizer):
         """
         batch = StepBatch([], [], [], [], [], [], [])
         new_states = []
+        with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        resident = bool(with_grads) and getattr(self._backend_for(with_grads), "device_resident", False)
         for group in self.param_groups:
-            _check_group(group)
-            hyper = self._hyper(group)
+            _check_group(group, at_step=True)
+            hyper = self._hyper(group, device_resident=resident)
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -380,7 +436,8 @@ class RoseAdamW(Optimizer):
                 if not state:
                     moment = dict(dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format)
                     state = {
-                        "step": torch.tensor(0.0, dtype=torch.float32),
+                        # On the parameter's device for GPUs (as torch's fused AdamW keeps it).
+                        "step": torch.zeros((), dtype=torch.float32, device=p.device),
                         "exp_avg": torch.zeros_like(p, **moment),
                         "exp_avg_sq": torch.zeros_like(p, **moment),
                     }
@@ -410,7 +467,10 @@ class RoseAdamW(Optimizer):
                 state[key] = t.contiguous()
         step = state.get("step")
         if not isinstance(step, torch.Tensor):
-            state["step"] = torch.tensor(float(step or 0), dtype=torch.float32)
+            state["step"] = torch.tensor(float(step or 0), dtype=torch.float32, device=p.device)
+        elif step.device != p.device or step.dtype != torch.float32:
+            # e.g. a torch.optim.AdamW checkpoint keeps CPU steps: move them once, not every step.
+            state["step"] = step.to(device=p.device, dtype=torch.float32)
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -420,10 +480,13 @@ class RoseAdamW(Optimizer):
         Keys are the group's ``param_names`` when given (as :func:`rose_param_groups` does), else
         ``"<group index>.<param index>"``.
         """
+        values = self._kept_values
+        if isinstance(values, torch.Tensor):
+            values = values.tolist()  # device-resident results: one read, here, when asked
         stats = {}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for pi, p in enumerate(group["params"]):
                 if p in self._kept:
-                    stats[names[pi] if names else f"{gi}.{pi}"] = self._kept[p]
+                    stats[names[pi] if names else f"{gi}.{pi}"] = values[self._kept[p]]
         return stats

@@ -98,6 +98,11 @@ def second_order_element_scores(
     return scores, defined
 
 
+def scored_on_host(state_steps: list[torch.Tensor | None], warmup_steps: list[int]) -> list[bool]:
+    """Whether each parameter is past warm-up at its coming step (counter + 1 > warmup_steps)."""
+    return [(0.0 if s is None else float(s)) + 1 > w for s, w in zip(state_steps, warmup_steps, strict=True)]
+
+
 def first_order_tensor_score(kl_grad: torch.Tensor) -> float:
     """``||g_kl||`` in float64."""
     return kl_grad.to(torch.float64).pow(2).sum().sqrt().item()
@@ -188,8 +193,10 @@ class ReferenceBackend:
         return True
 
     def record_first_order(
-        self, kl_grads: list[torch.Tensor], scored: list[bool], cfg: RoseConfig
+        self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
+        cfg: RoseConfig,
     ) -> FirstOrderRecord:
+        scored = scored_on_host(state_steps, warmup_steps)
         if not all(torch.isfinite(g).all() for g in kl_grads):
             return FirstOrderRecord(masks=[], nonfinite=True)
         units = []

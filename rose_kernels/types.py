@@ -11,7 +11,7 @@ MODES = ("off", "first", "second", "ensemble")
 GRANULARITIES = ("tensor", "element")
 SCOPES = ("tensor", "global")
 THRESHOLDS = ("exact",)
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("auto", "raise", "skip")
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,26 @@ class StepBatch:
     hypers: list[GroupHyper]
     # Per parameter: the recorded first-order mask (backend-specific object) or None.
     first_order: list[Any] | None = None
-    # Per parameter: sum of squares of exp_avg if a backend cached it at the end of the last step.
-    exp_avg_sumsq: list[float | None] | None = None
+    # Per parameter: sum of squares of exp_avg if a backend cached it at the end of the last step
+    # (a float, or a 0-d device tensor for device-resident backends).
+    exp_avg_sumsq: list[Any] | None = None
+    # Device-resident backends: the non-finite flag of the recorded first-order scores (0-d bool).
+    first_order_nonfinite: torch.Tensor | None = None
+    # The optimizer's scratch space for the backend, kept across steps (never part of results).
+    workspace: dict | None = None
 
 
 @dataclass
 class StepResult:
-    nonfinite: bool
-    kept: list[float] = field(default_factory=list)  # kept fraction per parameter (mean mask value)
-    exp_avg_sumsq: list[float] | None = None  # sum of squares of the new exp_avg, when computed
+    """What a step did. Device-resident backends return 0-d/1-d device tensors instead of Python
+    values (``nonfinite``: the step was skipped on the device) so that nothing waits on the host."""
+
+    nonfinite: bool | torch.Tensor
+    kept: list[float] | torch.Tensor = field(default_factory=list)  # kept fraction (mean mask value)
+    exp_avg_sumsq: list[float] | torch.Tensor | None = None  # sum of squares of the new exp_avg
 
 
 @dataclass
 class FirstOrderRecord:
     masks: list[Any]  # per parameter: backend-specific mask (None: undefined, treated as kept)
-    nonfinite: bool
+    nonfinite: bool | torch.Tensor

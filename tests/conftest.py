@@ -9,12 +9,20 @@ import random
 import pytest
 import torch
 
-from rose_kernels import RoseAdamW
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; this must be set before the
+# kernels are defined (rose_kernels imports them on first use of backend="triton").
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rose_kernels import RoseAdamW  # noqa: E402
 
 MODES = ("off", "first", "second", "ensemble")
 GRANULARITIES = ("tensor", "element")
 SCOPES = ("tensor", "global")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Where each backend's tensors live in the tests: Triton runs on the GPU, or interpreted on the CPU.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKEND_DEVICES = {"triton": TRITON_DEVICE}
 
 # Relative / absolute tolerances for the opmath state (exp_avg, exp_avg_sq) and for params.
 STATE_TOL = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-6, 1e-7)}
@@ -67,6 +75,7 @@ def snapshot(opt: torch.optim.Optimizer) -> dict:
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.cpu(), b.cpu()
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.numel() == 0:
@@ -123,6 +132,7 @@ def assert_params_close(
     exceeds the ulp of the tiny result, hence the small absolute slack.
     """
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
+    actual, expected = actual.cpu(), expected.cpu()
     if actual.dtype in (torch.bfloat16, torch.float16):
         a, e = actual.to(torch.float64), expected.to(torch.float64)
         spacing = torch.maximum(ulp(actual), ulp(expected))
@@ -140,6 +150,7 @@ def assert_state_close(
     actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, msg: str = ""
 ) -> None:
     rtol, atol = STATE_TOL[dtype]
+    actual, expected = actual.cpu(), expected.cpu()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m, msg=msg: f"{msg}: {m}")
 
 
@@ -214,7 +225,8 @@ class Problem:
             param_groups = []
             for spec, tensors in zip(groups, base, strict=True):
                 extra = {k: v for k, v in spec.items() if k != "shapes"}
-                param_groups.append({"params": [t.clone() for t in tensors], **extra})
+                device = BACKEND_DEVICES.get(backend, torch.device("cpu"))
+                param_groups.append({"params": [t.clone().to(device) for t in tensors], **extra})
             self.opts.append(RoseAdamW(param_groups, backend=backend, **kw))
         self.t = 0
 
@@ -238,10 +250,10 @@ class Problem:
             params = all_params(opt)
             if needs_first(self.mode):
                 for i, (p, g) in enumerate(zip(params, kl, strict=True)):
-                    p.grad = g.clone() if present is None or present[i] else None
+                    p.grad = g.clone().to(p.device) if present is None or present[i] else None
                 opt.record_first_order()
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                p.grad = g.clone() if present is None or present[i] else None
+                p.grad = g.clone().to(p.device) if present is None or present[i] else None
             opt.step()
 
     def check(self, msg: str = "", **kw) -> None:

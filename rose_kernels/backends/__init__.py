@@ -1,10 +1,12 @@
 """The backend registry: one place that knows which implementations exist and which is fastest.
 
-A backend implements ``record_first_order(kl_grads, scored, cfg)`` and ``step(batch, cfg)`` with
+A backend implements ``record_first_order(kl_grads, state_steps, warmup_steps, cfg)`` and ``step(batch, cfg)`` with
 the semantics of ``rose_kernels.reference``; adding one means registering it here, nothing else.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -14,7 +16,24 @@ from rose_kernels.reference import ReferenceBackend
 _BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), CpuBackend())}
 
 # Fastest first, per device type; "auto" takes the first one that supports the device.
-_PREFERENCE = {"cpu": ("cpu", "reference")}
+_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+
+# Backends whose module is imported on first use (importing Triton costs ~1 s): name -> loader.
+_LAZY = {}
+if importlib.util.find_spec("triton") is not None:
+    def _load_triton():
+        from rose_kernels.backends.triton import TritonBackend
+
+        return TritonBackend()
+
+    _LAZY["triton"] = _load_triton
+
+
+def _get(name: str):
+    backend = _BACKENDS.get(name)
+    if backend is None and name in _LAZY:
+        backend = _BACKENDS[name] = _LAZY.pop(name)()
+    return backend
 
 
 def register(backend, *, prefer_for: tuple[str, ...] = ()) -> None:
@@ -25,18 +44,18 @@ def register(backend, *, prefer_for: tuple[str, ...] = ()) -> None:
 
 
 def names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
+    return (*_BACKENDS, *(name for name in _LAZY if name not in _BACKENDS))
 
 
 def resolve(name: str, device: torch.device):
     """The backend object for ``name`` ("auto" or a registered name) on ``device``."""
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, ("reference",)):
-            backend = _BACKENDS.get(candidate)
+            backend = _get(candidate)
             if backend is not None and backend.supports(device):
                 return backend
         return _BACKENDS["reference"]
-    backend = _BACKENDS.get(name)
+    backend = _get(name)
     if backend is None:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(names())} or 'auto'")
     if not backend.supports(device):

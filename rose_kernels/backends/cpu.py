@@ -12,7 +12,7 @@ import math
 import torch
 
 from rose_kernels import ops
-from rose_kernels.reference import in_interval, second_order_score
+from rose_kernels.reference import in_interval, scored_on_host, second_order_score
 from rose_kernels.types import FirstOrderRecord, RoseConfig, StepBatch, StepResult
 
 
@@ -37,8 +37,10 @@ class CpuBackend:
         return device.type == "cpu" and ops.available()
 
     def record_first_order(
-        self, kl_grads: list[torch.Tensor], scored: list[bool], cfg: RoseConfig
+        self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
+        cfg: RoseConfig,
     ) -> FirstOrderRecord:
+        scored = scored_on_host(state_steps, warmup_steps)
         masks: list = [None] * len(kl_grads)
         index = [i for i, s in enumerate(scored) if s]
         unscored = [kl_grads[i] for i, s in enumerate(scored) if not s]

@@ -1,0 +1,149 @@
+"""Multi-tensor launch tables: which block of which tensor each Triton program handles.
+
+A kernel over many tensors gets, instead of one launch per tensor, a flat table built once:
+``block_tensor[b]`` (the tensor of program ``b``), ``block_start[b]`` (its first element) and
+``first_block[t]`` (where tensor ``t``'s blocks start, for per-tensor reductions), plus one int64
+address table per tensor role (params, grads, ...). Kernels cast those addresses back to typed
+pointers. Block tables depend only on the tensors' sizes and are cached by them; address tables are
+cached by the addresses, so a step whose tensors did not move (static gradients, CUDA graphs)
+copies nothing to the device.
+
+Nothing here reads device memory: building a table is host work plus one non-blocking copy from
+pinned memory. During CUDA-graph capture a missing table is an error (a host-to-device copy
+captured into a graph would replay from a host buffer that is gone by then).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+_CACHE_LIMIT = 256
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+class _LRU(OrderedDict):
+    def lookup(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def store(self, key, value):
+        self[key] = value
+        if len(self) > _CACHE_LIMIT:
+            self.popitem(last=False)
+        return value
+
+
+_blocks = _LRU()
+_addresses = _LRU()
+_constants = _LRU()
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, without a host synchronisation."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "rose_kernels (triton): a launch table is missing while a CUDA graph is being captured; "
+            "run at least one eager step with the same tensors and hyper-parameters before capturing"
+        )
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Programs of a launch over tensors of the given sizes, ``block`` elements each."""
+
+    block: int
+    num_blocks: int
+    block_tensor: torch.Tensor  # int32 [num_blocks]
+    block_start: torch.Tensor  # int64 [num_blocks]
+    first_block: torch.Tensor  # int64 [n + 1]
+    most_blocks: int  # of any one tensor
+
+
+def block_table(numels: tuple[int, ...], block: int, device: torch.device, *, empty_gets_block: bool = False
+                ) -> BlockTable:
+    """The block map of tensors with ``numels`` elements.
+
+    ``empty_gets_block`` gives every empty tensor one program too (the update kernel uses it to
+    advance the step counter of an empty parameter, as torch's AdamW does).
+    """
+    key = (device, numels, block, empty_gets_block)
+    cached = _blocks.lookup(key)
+    if cached is not None:
+        return cached
+    tensor_of, starts, first = [], [], [0]
+    for t, n in enumerate(numels):
+        count = -(-n // block) if n else int(empty_gets_block)
+        tensor_of.extend([t] * count)
+        starts.extend(range(0, count * block, block))
+        first.append(first[-1] + count)
+    table = BlockTable(
+        block=block,
+        num_blocks=len(tensor_of),
+        block_tensor=to_device(tensor_of, torch.int32, device),
+        block_start=to_device(starts, torch.int64, device),
+        first_block=to_device(first, torch.int64, device),
+        most_blocks=max((b - a for a, b in zip(first, first[1:], strict=False)), default=0),
+    )
+    return _blocks.store(key, table)
+
+
+def addresses(*roles: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """int64 ``[len(roles), n]``: the data pointer of each tensor of each role (0 for None)."""
+    pointers = tuple(tuple(0 if t is None else t.data_ptr() for t in role) for role in roles)
+    key = (device, pointers)
+    cached = _addresses.lookup(key)
+    if cached is not None:
+        return cached
+    return _addresses.store(key, to_device([list(p) for p in pointers], torch.int64, device))
+
+
+def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached device tensor of host values that rarely change (hyper-parameters, flags)."""
+    key = (device, dtype, values)
+    cached = _constants.lookup(key)
+    if cached is not None:
+        return cached
+    return _constants.store(key, to_device(list(values), dtype, device))
+
+
+# Elements per program. On the GPU: measured reasons go in bench/results; these are the starting
+# points of a memory-bound multi-tensor kernel (4-16 KB per operand per program). Interpreted, every
+# program costs ~1 ms of Python, so large pools get large blocks.
+_GPU_BLOCKS = {"reduce": 8192, "select": 8192, "update": 4096}
+
+
+def block_size(kind: str, total_elements: int) -> int:
+    if interpreting():
+        return 1024 if total_elements <= (1 << 21) else 1 << 16
+    return _GPU_BLOCKS[kind]
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+             torch.float16: tl.float16}
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    """Positions of the tensors grouped by dtype: one launch per dtype (pointers are typed)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
