@@ -388,8 +388,15 @@ class RoseAdamW(Optimizer):
             return loss
         for p, state in new_states:
             self.state[p] = state
-        self._kept = {p: i for i, p in enumerate(batch.params) if batch.eligible[i]}
-        self._kept_values = result.kept
+        kept = {p: i for i, p in enumerate(batch.params) if batch.eligible[i]}
+        values = result.kept
+        if isinstance(result.nonfinite, torch.Tensor) and kept == self._kept:
+            # A step skipped on the device keeps the last step's kept fractions, as on the host.
+            old = self._kept_values
+            if isinstance(old, torch.Tensor) and old.shape == values.shape:
+                values = torch.where(result.nonfinite, old, values)
+        self._kept = kept
+        self._kept_values = values
         sumsqs = result.exp_avg_sumsq
         if sumsqs is not None:
             for i, p in enumerate(batch.params):

@@ -186,6 +186,45 @@ def test_nonfinite_step_is_skipped_on_the_device(seed, mode, granularity, bad):
     assert opt.skipped_steps == 1
 
 
+def test_skipped_step_keeps_the_last_kept_fractions(seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [_dev(randn(s, torch.float32, gen)) for s in [(5,), (BLOCK + 1,), (7,)]]
+    opt = RoseAdamW(params, lr=1e-2, granularity="element", backend="triton", nonfinite="skip")
+    for t in range(3):
+        for p in params:
+            p.grad = _dev(randn(p.shape, torch.float32, gen))
+        if t == 2:
+            params[0].grad[0] = math.nan
+        stats = opt.mask_stats()
+        opt.step()
+    assert opt.mask_stats() == stats and opt.skipped_steps == 1, (seed, stats, opt.mask_stats())
+
+
+def test_checkpoint_moves_between_triton_and_torch_adamw(seed):
+    """mode="off" is AdamW with decay after the Adam move: compare through a torch AdamW round trip
+    of the state (steps stay float32 on the parameters' device)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = [randn(s, torch.float32, gen) for s in [(5,), (BLOCK + 1,)]]
+    grads = [[randn(x.shape, torch.float32, gen) for x in base] for _ in range(4)]
+    straight = [_dev(x.clone()) for x in base]
+    resumed = [_dev(x.clone()) for x in base]
+    opt_s = RoseAdamW(straight, lr=1e-2, mode="second", backend="triton")
+    opt_r = RoseAdamW(resumed, lr=1e-2, mode="second", backend="triton")
+    for t in range(4):
+        if t == 2:  # through torch's AdamW and back
+            torch_opt = torch.optim.AdamW(resumed, lr=1e-2)
+            torch_opt.load_state_dict(opt_r.state_dict())
+            opt_r = RoseAdamW(resumed, lr=1e-2, mode="second", backend="triton")
+            opt_r.load_state_dict(torch_opt.state_dict())
+            assert all(s["step"].device == DEV and s["step"].dtype == torch.float32 for s in opt_r.state.values())
+        for ps, o in ((straight, opt_s), (resumed, opt_r)):
+            for p, g in zip(ps, grads[t], strict=True):
+                p.grad = _dev(g)
+            o.step()
+    for x, y in zip(straight, resumed, strict=True):
+        assert torch.equal(x, y), f"seed={seed}"
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_nonfinite_first_order_scores_skip_the_step(seed, granularity):
     gen = torch.Generator().manual_seed(seed)
