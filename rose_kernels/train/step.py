@@ -1,0 +1,83 @@
+"""The ROSE training step of rose-semantics section 7, shared by ``rose-train`` and ``RoseTrainer``.
+
+First order and ensemble: two forward passes with dropout active; the symmetric KL divergence of
+the two passes (only to score parameters) and the mean of the two task losses (to train on).
+Second order and off: one pass, one task loss. The KL gradients are taken with
+``torch.autograd.grad`` into separate buffers, so that they can be summed over gradient-accumulation
+micro-batches without touching ``.grad``, and are handed to ``RoseAdamW.record_first_order()``
+right before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rose_kernels.optim import RoseAdamW
+
+
+def needs_two_passes(mode: str) -> bool:
+    return mode in ("first", "ensemble")
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, or mean squared error for a 1-output (regression) head."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def divergence(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """``(sum_i KL(P2_i || P1_i) + KL(P1_i || P2_i)) / 4`` over the batch (the release's L_KL); the
+    summed squared difference of the outputs for a 1-output head."""
+    z1, z2 = z1.float(), z2.float()
+    if z1.shape[-1] == 1:
+        return F.mse_loss(z1, z2, reduction="sum")
+    log_p1, log_p2 = F.log_softmax(z1, dim=-1), F.log_softmax(z2, dim=-1)
+    kl_p2_p1 = F.kl_div(log_p1, log_p2, reduction="sum", log_target=True)
+    kl_p1_p2 = F.kl_div(log_p2, log_p1, reduction="sum", log_target=True)
+    return (kl_p2_p1 + kl_p1_p2) / 4
+
+
+def rose_losses(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, mode: str
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(task loss, KL divergence or None, logits of the first pass) for one batch."""
+    z1 = model(**inputs).logits
+    if not needs_two_passes(mode):
+        return task_loss(z1, labels), None, z1
+    z2 = model(**inputs).logits
+    return (task_loss(z1, labels) + task_loss(z2, labels)) / 2, divergence(z1, z2), z1
+
+
+class FirstOrderScores:
+    """The KL gradients of the eligible parameters, summed over micro-batches, for one step."""
+
+    def __init__(self, optimizer: RoseAdamW):
+        self.optimizer = optimizer
+        self.params = [p for g in optimizer.param_groups if g["rose"] for p in g["params"] if p.requires_grad]
+        self.buffers: list[torch.Tensor | None] | None = None
+
+    def add(self, loss_kl: torch.Tensor) -> None:
+        """Accumulates d loss_kl / d params, keeping the graph for the task loss's backward."""
+        grads = torch.autograd.grad(loss_kl, self.params, retain_graph=True, allow_unused=True)
+        if self.buffers is None:
+            self.buffers = [None if g is None else g.detach() for g in grads]
+            return
+        for i, g in enumerate(grads):
+            if g is not None:
+                self.buffers[i] = g.detach() if self.buffers[i] is None else self.buffers[i].add_(g)
+
+    def record(self) -> None:
+        """``record_first_order()`` from the accumulated KL gradients; ``.grad`` is left as it was."""
+        if self.buffers is None:
+            raise RuntimeError("FirstOrderScores.record(): no KL gradient was added for this step")
+        saved = [p.grad for p in self.params]
+        try:
+            for p, g in zip(self.params, self.buffers, strict=True):
+                p.grad = g
+            self.optimizer.record_first_order()
+        finally:
+            for p, g in zip(self.params, saved, strict=True):
+                p.grad = g
+            self.buffers = None

@@ -1,0 +1,64 @@
+"""``RoseTrainer``: a ``transformers.Trainer`` that fine-tunes with ROSE.
+
+Switching an existing Trainer script is changing the class (and, optionally, the ``rose_*``
+arguments): the optimizer becomes :class:`~rose_kernels.RoseAdamW` over
+:func:`~rose_kernels.rose_param_groups` (the release's eligibility rule, no decay for biases and
+LayerNorm), built from the TrainingArguments' lr, betas, eps and weight decay; in ``first`` and
+``ensemble`` modes the training step runs two dropout passes, keeps the KL gradients aside (summed
+over gradient-accumulation micro-batches) and records them right before each optimizer step.
+Clipping, schedulers, mixed precision and logging stay the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from rose_kernels.groups import rose_param_groups
+from rose_kernels.optim import RoseAdamW
+from rose_kernels.train.step import FirstOrderScores, needs_two_passes, rose_losses
+
+
+class RoseTrainer(Trainer):
+    def __init__(self, *args, rose_mode: str = "ensemble", rose_granularity: str = "tensor",
+                 rose_scope: str = "tensor", rose_lower: float = 0.0, rose_upper: float = 60.0,
+                 rose_gamma: float = 0.5, rose_backend: str = "auto", **kwargs):
+        self.rose_options = dict(mode=rose_mode, granularity=rose_granularity, scope=rose_scope, lower=rose_lower,
+                                 upper=rose_upper, gamma=rose_gamma, backend=rose_backend)
+        self._first: FirstOrderScores | None = None
+        self._first_since: int | None = None  # global step at which the KL buffers were started
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            args = self.args
+            self.optimizer = RoseAdamW(
+                rose_param_groups(opt_model, weight_decay=args.weight_decay), lr=args.learning_rate,
+                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **self.rose_options,
+            )
+        if needs_two_passes(self.rose_options["mode"]) and self._first is None:
+            self._first = FirstOrderScores(self.optimizer)
+            self.optimizer.register_step_pre_hook(self._record_first_order)
+        return self.optimizer
+
+    def _record_first_order(self, optimizer, args, kwargs) -> None:
+        if self._first is not None and self._first.buffers is not None:
+            self._first.record()
+            self._first_since = None
+
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        if not needs_two_passes(self.rose_options["mode"]):
+            return super().training_step(model, inputs, num_items_in_batch)  # one pass; RoseAdamW masks
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        if self._first_since is not None and self._first_since != self.state.global_step:
+            self._first.buffers = None  # a step skipped by a GradScaler never consumed them
+        self._first_since = self.state.global_step
+        with self.compute_loss_context_manager():
+            loss, loss_kl, _ = rose_losses(model, inputs, labels, self.rose_options["mode"])
+        loss = loss / self.current_gradient_accumulation_steps
+        self._first.add(loss_kl)
+        self.accelerator.backward(loss)
+        return loss.detach()
