@@ -81,8 +81,12 @@ def extensions():
     ]
 
 
+# ROSE_KERNELS_NO_EXTENSION=1: the package alone (an editable install for the console scripts); the
+# Makefile then builds the extension in place with `setup.py build_ext --inplace`, once. (An
+# editable install would compile it in a temporary directory, and build_ext, finding no build/,
+# would compile it a second time.)
 setup(
-    ext_modules=extensions(),
+    ext_modules=[] if os.environ.get("ROSE_KERNELS_NO_EXTENSION") == "1" else extensions(),
     # Ninja writes one flag set for all files; the per-capability flags need the plain compiler.
     cmdclass={"build_ext": BuildWithCapabilityFlags.with_options(use_ninja=False)},
 )
