@@ -28,9 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import bench_step  # noqa: E402  (layouts, byte models, machine info)
-
 from rose_kernels import RoseAdamW, is_eligible  # noqa: E402
+from rose_kernels.benchmarks import step as bench_step  # noqa: E402  (layouts, byte models, machine info)
 
 CONFIGS = [  # (name, mode, granularity); None mode: torch
     ("torch AdamW fused", None, "fused"),

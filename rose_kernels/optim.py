@@ -316,11 +316,11 @@ class RoseAdamW(Optimizer):
         kl_grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         backend = self._backend_for(params)
         warmups = [warmup[p] for p in params]
-        if getattr(backend, "device_resident", False):
-            record = backend.record_first_order(kl_grads, state_steps, warmups, self.rose,
-                                                reuse=[previous.get(p) for p in params], workspace=self._workspace)
-        else:
-            record = backend.record_first_order(kl_grads, state_steps, warmups, self.rose)
+        reuse = [previous.get(p) for p in params]
+        self._first_order_buffers, previous = {}, None  # only `reuse` holds the old masks now
+        record = backend.record_first_order(kl_grads, state_steps, warmups, self.rose, reuse=reuse,
+                                            workspace=self._workspace)
+        del reuse
         if isinstance(record.nonfinite, torch.Tensor):
             if self._policy(backend) == "raise" and bool(record.nonfinite):
                 self._first_order = None

@@ -194,7 +194,7 @@ class ReferenceBackend:
 
     def record_first_order(
         self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
-        cfg: RoseConfig,
+        cfg: RoseConfig, reuse: list | None = None, workspace: dict | None = None,
     ) -> FirstOrderRecord:
         scored = scored_on_host(state_steps, warmup_steps)
         if not all(torch.isfinite(g).all() for g in kl_grads):

@@ -1,7 +1,8 @@
 """The backend registry: one place that knows which implementations exist and which is fastest.
 
-A backend implements ``record_first_order(kl_grads, state_steps, warmup_steps, cfg)`` and ``step(batch, cfg)`` with
-the semantics of ``rose_kernels.reference``; adding one means registering it here, nothing else.
+A backend implements ``record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse=None,
+workspace=None)`` and ``step(batch, cfg)`` with the semantics of ``rose_kernels.reference``; adding
+one means registering it here, nothing else.
 """
 
 from __future__ import annotations

@@ -38,8 +38,10 @@ class CpuBackend:
 
     def record_first_order(
         self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
-        cfg: RoseConfig,
+        cfg: RoseConfig, reuse: list | None = None, workspace: dict | None = None,
     ) -> FirstOrderRecord:
+        """``reuse``: the last step's masks, written again instead of allocating new ones (the old
+        ones would otherwise be alive next to the new: 2 bits per element at the peak, not 1)."""
         scored = scored_on_host(state_steps, warmup_steps)
         masks: list = [None] * len(kl_grads)
         index = [i for i, s in enumerate(scored) if s]
@@ -61,7 +63,12 @@ class CpuBackend:
         if thresholds[:, 3].any():
             return FirstOrderRecord(masks=[], nonfinite=True)
         per_tensor = thresholds[:, :2].expand(len(grads), 2).contiguous()
-        bits = [torch.empty((g.numel() + 7) // 8, dtype=torch.uint8) for g in grads]
+        reuse = reuse or [None] * len(kl_grads)
+        bits = []
+        for i, g in zip(index, grads, strict=True):
+            old = reuse[i]
+            fits = isinstance(old, torch.Tensor) and old.dtype == torch.uint8 and old.numel() == (g.numel() + 7) // 8
+            bits.append(old if fits else torch.empty((g.numel() + 7) // 8, dtype=torch.uint8))
         ops.first_order_mask_(grads, per_tensor, bits)
         for i, b in zip(index, bits, strict=True):
             masks[i] = b
