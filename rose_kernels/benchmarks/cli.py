@@ -91,7 +91,11 @@ def run(suites: list[str], device: torch.device, quick: bool, sizes: list[int] |
     if "memory" in suites:
         from rose_kernels.benchmarks import memory
 
-        report = memory.bench_memory("minilm" if quick else "bert-base", device)
+        if quick:
+            report = memory.bench_memory(("tiny", "minilm"), device,
+                                         names=["rose off/tensor", "rose second/element", "rose first/element"])
+        else:
+            report = memory.bench_memory(("minilm", "bert-base"), device)
         write("memory", "Peak optimizer memory per parameter", memory.to_markdown(report), report)
     if "step" in suites:
         layouts = ["minilm"] if quick else ["minilm", "bert-base"]
@@ -112,13 +116,22 @@ def run(suites: list[str], device: torch.device, quick: bool, sizes: list[int] |
     return written
 
 
-def update_readme(readme: Path, written: dict[str, str]) -> None:
-    """Replaces the block between the rose-bench markers with the scaling and select tables."""
+def update_readme(readme: Path, written: dict[str, str], out: Path, device: torch.device) -> None:
+    """Replaces the block between the rose-bench markers with the scaling, select and memory tables:
+    this run's, or the newest full run's in ``out`` for suites this run did not include."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise SystemExit(f"{readme}: no {README_BEGIN} ... {README_END} block to update")
-    parts = [written[s] for s in ("scaling", "select", "memory") if s in written]
+    parts = []
+    for suite in ("scaling", "select", "memory"):
+        if suite in written:
+            parts.append(written[suite])
+            continue
+        saved = sorted(p for p in out.glob(f"{suite}-{device.type}-*.md") if not p.stem.endswith("-quick"))
+        if saved:
+            parts.append(saved[-1].read_text())
     body = "\n".join(re.sub(r"^# ", "#### ", p, flags=re.M) for p in parts)
+    body = body.replace("](scaling-", "](bench/results/scaling-")
     new = re.sub(re.escape(README_BEGIN) + r".*?" + re.escape(README_END),
                  lambda _: f"{README_BEGIN}\n{body}\n{README_END}", text, flags=re.S)
     readme.write_text(new)
@@ -143,7 +156,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device here")
     written = run(suites, device, args.quick, _sizes(args.sizes), args.rounds, args.out)
     if args.update_readme:
-        update_readme(step_mod.REPO / "README.md", written)
+        update_readme(step_mod.REPO / "README.md", written, args.out, device)
     return 0
 
 

@@ -75,42 +75,62 @@ def child(config: str, layout_name: str, device: str, backend: str) -> dict:
             "peak_bytes": peak - before}
 
 
-def bench_memory(layout_name: str, device: torch.device, backend: str = "auto") -> dict:
+def _measure(name: str, layout_name: str, device: torch.device, backend: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rose_kernels.benchmarks.memory", "--child", name, "--layout", layout_name,
+         "--device", str(device), "--backend", backend],
+        capture_output=True, text=True, timeout=900,
+    )
+    if proc.returncode != 0:
+        return {"config": name, "status": f"fails: {proc.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(layouts: tuple[str, str], device: torch.device, backend: str = "auto",
+                 names: list[str] | None = None) -> dict:
+    """Peaks on a smaller and a larger layout. Per-element costs are the slope between the two:
+    constant costs (the extension's code pages that a mode touches, thread pools) cancel there,
+    where they would blur a per-parameter figure taken from one size."""
+    small, large = layouts
     rows = []
     for name, _, _ in CONFIGS:
-        proc = subprocess.run(
-            [sys.executable, "-m", "rose_kernels.benchmarks.memory", "--child", name, "--layout", layout_name,
-             "--device", str(device), "--backend", backend],
-            capture_output=True, text=True, timeout=900,
-        )
-        if proc.returncode != 0:
-            rows.append({"config": name, "status": f"fails: {proc.stderr.strip().splitlines()[-1:]}"})
+        if names is not None and name not in names and name != "torch AdamW fused":
             continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    base = next((r for r in rows if r["config"] == "torch AdamW fused" and "peak_bytes" in r), None)
+        rows.append({"config": name, "small": _measure(name, small, device, backend),
+                     "large": _measure(name, large, device, backend)})
+    base = rows[0]
     for r in rows:
-        if "peak_bytes" in r:
-            r["bytes_per_param"] = r["peak_bytes"] / r["params"]
-            if base is not None:
-                extra = r["peak_bytes"] - base["peak_bytes"]
-                r["extra_bytes_per_param"] = extra / r["params"]
-                r["extra_bits_per_eligible"] = 8 * extra / r["eligible"]
-    return {"layout": layout_name, "device": str(device), "rows": rows}
+        a, b = r["small"], r["large"]
+        if "peak_bytes" not in a or "peak_bytes" not in b or "peak_bytes" not in base["large"]:
+            r["status"] = a.get("status") or b.get("status") or "baseline failed"
+            continue
+        r["bytes_per_param"] = b["peak_bytes"] / b["params"]
+        extra_small = a["peak_bytes"] - base["small"]["peak_bytes"]
+        extra_large = b["peak_bytes"] - base["large"]["peak_bytes"]
+        r["extra_bytes_per_param"] = extra_large / b["params"]
+        r["extra_bits_per_eligible"] = 8 * extra_large / b["eligible"]
+        r["marginal_bits_per_eligible"] = 8 * (extra_large - extra_small) / (b["eligible"] - a["eligible"])
+        r["constant_mib"] = (extra_large - r["marginal_bits_per_eligible"] / 8 * b["eligible"]) / 2**20
+    return {"layouts": list(layouts), "device": str(device), "rows": rows}
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"Peak optimizer memory over 3 steps, {report['layout']} layout on {report['device']} (fresh process "
-             "per configuration; beyond parameters and gradients).", "",
-             "| configuration | bytes / param | extra over torch AdamW: bytes / param | bits / eligible element |",
-             "|---|---|---|---|"]
+    small, large = report["layouts"]
+    lines = [f"Peak optimizer memory over 3 steps on {report['device']} (fresh process per configuration; beyond "
+             f"parameters and gradients), {large} layout; the per-element cost is the slope between {small} and "
+             f"{large}, the rest is a constant.", "",
+             f"| configuration | bytes / param ({large}) | extra over torch AdamW: bytes / param | "
+             "bits / eligible element | per eligible element (slope) | constant |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        if "peak_bytes" not in r:
-            lines.append(f"| {r['config']} | {r['status']} | | |")
+        if "bytes_per_param" not in r:
+            lines.append(f"| {r['config']} | {r.get('status', '')} | | | | |")
             continue
-        extra = r.get("extra_bytes_per_param")
-        bits = r.get("extra_bits_per_eligible")
-        lines.append(f"| {r['config']} | {r['bytes_per_param']:.2f} | "
-                     f"{'' if extra is None else f'{extra:+.3f}'} | {'' if bits is None else f'{bits:+.2f}'} |")
+        if r["config"] == "torch AdamW fused":
+            lines.append(f"| {r['config']} | {r['bytes_per_param']:.2f} | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['bytes_per_param']:.2f} | {r['extra_bytes_per_param']:+.3f} | "
+                     f"{r['extra_bits_per_eligible']:+.2f} bits | {r['marginal_bits_per_eligible']:+.2f} bits | "
+                     f"{r['constant_mib']:+.1f} MiB |")
     return "\n".join(lines)
 
 
