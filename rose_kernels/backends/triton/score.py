@@ -98,11 +98,7 @@ def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
                 tables.addresses(group, device=device), partials,
                 DTYPE=tables.TL_DTYPES[dtype], BLOCK=blocks.block,
             )
-        sums = segment_sum(partials, blocks, len(group))[:, 0]
-        if len(index) == len(tensors):
-            out.copy_(sums)
-        else:
-            out[tables.constant(tuple(index), torch.int64, device)] = sums
+        tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])
     return out
 
 
@@ -137,11 +133,7 @@ def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: li
                 group_bounds, partials,
                 DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], BLOCK=blocks.block,
             )
-        kept = segment_sum(partials, blocks, len(group))[:, 0]
-        if len(index) == len(grads):
-            out.copy_(kept)
-        else:
-            out[tables.constant(tuple(index), torch.int64, device)] = kept
+        tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])
     return out
 
 

@@ -147,3 +147,12 @@ def by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
     return groups
+
+
+def put(out: torch.Tensor, index: list[int], values: torch.Tensor) -> None:
+    """``out[index] = values`` (rows of one dtype group back into the whole): a plain copy when the
+    group is everything, in order."""
+    if len(index) == out.shape[0]:
+        out.copy_(values)
+    else:
+        out[constant(tuple(index), torch.int64, out.device)] = values

@@ -169,11 +169,7 @@ def masked_adamw_(
             P_DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], ELEMENT=element,
             H=_H, BLOCK=blocks.block,
         )
-        sums = segment_sum(partials, blocks, len(group))
-        if whole:
-            out.copy_(sums)
-        else:
-            out[select] = sums
+        tables.put(out, index, segment_sum(partials, blocks, len(group)))
     return out
 
 
