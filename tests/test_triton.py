@@ -559,7 +559,10 @@ def test_step_reads_nothing_back_from_the_device(seed, mode, granularity, monkey
 
 
 def test_auto_backend_per_device():
-    assert backends.resolve("auto", torch.device("cpu")).name == "cpu"
+    from rose_kernels import ops
+
+    # Without the C++ extension (the GPU image runs these tests unbuilt) the CPU falls back to the reference.
+    assert backends.resolve("auto", torch.device("cpu")).name == ("cpu" if ops.available() else "reference")
     assert backends.resolve("auto", torch.device("cuda")).name == "triton"
     assert "triton" in backends.names()
 
