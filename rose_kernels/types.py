@@ -27,6 +27,11 @@ class RoseConfig:
     thresholds: str = "exact"
     nonfinite: str = "raise"
 
+    @property
+    def quantiles(self) -> tuple[float, float]:
+        """``lower`` and ``upper`` as quantiles in [0, 1]."""
+        return self.lower / 100, self.upper / 100
+
 
 @dataclass(frozen=True)
 class GroupHyper:

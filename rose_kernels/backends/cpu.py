@@ -16,15 +16,11 @@ from rose_kernels.reference import in_interval, scored_on_host, second_order_sco
 from rose_kernels.types import FirstOrderRecord, RoseConfig, StepBatch, StepResult
 
 
-def _quantiles(cfg: RoseConfig) -> tuple[float, float]:
-    return cfg.lower / 100, cfg.upper / 100
-
-
 def _tensor_pool_masks(scores: torch.Tensor, cfg: RoseConfig) -> list[float]:
     """0/1 per tensor score (float64, all defined), thresholds over the pool of all of them."""
     if scores.numel() == 0:
         return []
-    q_lo, q_hi = _quantiles(cfg)
+    q_lo, q_hi = cfg.quantiles
     thresholds = ops.element_thresholds([scores], [], [], q_lo, q_hi, True)
     lo, hi = thresholds[0, 0].item(), thresholds[0, 1].item()
     return in_interval(scores, lo, hi).to(torch.float64).tolist()
@@ -58,7 +54,7 @@ class CpuBackend:
             for i, mu in zip(index, _tensor_pool_masks(sums.sqrt(), cfg), strict=True):
                 masks[i] = mu
             return FirstOrderRecord(masks=masks, nonfinite=False)
-        q_lo, q_hi = _quantiles(cfg)
+        q_lo, q_hi = cfg.quantiles
         thresholds = ops.element_thresholds(grads, [], [], q_lo, q_hi, cfg.scope == "global")
         if thresholds[:, 3].any():
             return FirstOrderRecord(masks=[], nonfinite=True)
@@ -96,7 +92,7 @@ class CpuBackend:
             if others and not torch.isfinite(ops.sumsq([batch.grads[i] for i in others])).all():
                 return StepResult(nonfinite=True)
             if second:
-                q_lo, q_hi = _quantiles(cfg)
+                q_lo, q_hi = cfg.quantiles
                 thresholds = ops.element_thresholds(
                     [batch.grads[i] for i in second],
                     [batch.exp_avgs[i] for i in second],

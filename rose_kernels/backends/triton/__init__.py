@@ -25,10 +25,6 @@ __all__ = ["TritonBackend", "element_thresholds", "first_order_mask_", "masked_a
 _WEIGHTS = {"off": (0.0, 1.0), "second": (0.0, 1.0), "first": (1.0, 0.0)}
 
 
-def _quantiles(cfg: RoseConfig) -> tuple[float, float]:
-    return cfg.lower / 100, cfg.upper / 100
-
-
 def _steps(state_steps: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
     """float32 ``[n]`` of the counters before this step (0 where a parameter has no state)."""
     zero = tables.constant((0.0,), torch.float32, device)[0]
@@ -62,7 +58,7 @@ class TritonBackend:
         device = kl_grads[0].device
         n = len(kl_grads)
         scored = _steps(state_steps, device) + 1 > tables.constant(tuple(warmup_steps), torch.float32, device)
-        q_lo, q_hi = _quantiles(cfg)
+        q_lo, q_hi = cfg.quantiles
         if cfg.granularity == "tensor":
             sums = sumsq(kl_grads)
             nonfinite = ~torch.isfinite(sums).all()
@@ -95,7 +91,7 @@ class TritonBackend:
         uses_second = cfg.mode in ("second", "ensemble")
         uses_first = cfg.mode in ("first", "ensemble")
         element = cfg.granularity == "element"
-        q_lo, q_hi = _quantiles(cfg)
+        q_lo, q_hi = cfg.quantiles
 
         steps = _steps(batch.state_steps, device)
         warmup = tables.constant(tuple(float(h.warmup_steps) for h in hypers), torch.float32, device)
@@ -175,6 +171,6 @@ class TritonBackend:
         scales = tables.constant(tuple(h.scale for h in batch.hypers), torch.float64, device)
         defined = pooled & (m_sums != 0)
         scores = (scales * grad_sums.sqrt() / m_sums.sqrt() - 1.0).abs()
-        q_lo, q_hi = _quantiles(cfg)
+        q_lo, q_hi = cfg.quantiles
         bounds = small_pool_quantiles(scores, defined, q_lo, q_hi)
         return torch.where(defined, in_interval(scores, bounds[0], bounds[1]).to(torch.float64), 1.0)

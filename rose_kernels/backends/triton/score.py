@@ -18,12 +18,9 @@ from rose_kernels.backends.triton.select import in_bounds
 @triton.jit
 def _block_sumsq_kernel(block_tensor, block_start, numels, addrs, partials,
                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    t = tl.load(block_tensor + b)
-    n = tl.load(numels + t)
-    offs = tl.load(block_start + b) + tl.arange(0, BLOCK).to(tl.int64)
+    b, t, _, offs, inside = tables.block_elements(block_tensor, block_start, numels, BLOCK)
     x_ptr = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
-    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float64)
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
     tl.store(partials + b, tl.sum(x * x, axis=0))
 
 
@@ -59,12 +56,8 @@ def segment_sum(partials: torch.Tensor, blocks: tables.BlockTable, n: int) -> to
 @triton.jit
 def _first_order_bits_kernel(block_tensor, block_start, numels, g_addrs, bit_addrs, bounds, partials,
                              DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    t = tl.load(block_tensor + b)
+    b, t, start, offs, inside = tables.block_elements(block_tensor, block_start, numels, BLOCK)
     n = tl.load(numels + t)
-    start = tl.load(block_start + b)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    inside = offs < n
     g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(DTYPE))
     s = tl.abs(tl.load(g_ptr + offs, mask=inside, other=0.0).to(OPMATH)).to(tl.float64)
     lo = tl.load(bounds + 2 * t)

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 _CACHE_LIMIT = 256
@@ -156,3 +157,13 @@ def put(out: torch.Tensor, index: list[int], values: torch.Tensor) -> None:
         out.copy_(values)
     else:
         out[constant(tuple(index), torch.int64, out.device)] = values
+
+
+@triton.jit
+def block_elements(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    """This program's block: (block, tensor, first element, element offsets, offsets inside the tensor)."""
+    b = tl.program_id(0)
+    t = tl.load(block_tensor + b)
+    start = tl.load(block_start + b)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return b, t, start, offs, offs < tl.load(numels + t)

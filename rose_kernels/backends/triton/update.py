@@ -32,12 +32,7 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
                          step_addrs, steps, step_sizes, hyper, masks, found, partials,
                          P_DTYPE: tl.constexpr, OPMATH: tl.constexpr, ELEMENT: tl.constexpr,
                          H: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    t = tl.load(block_tensor + b)
-    n = tl.load(numels + t)
-    start = tl.load(block_start + b)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    inside = offs < n
+    b, t, start, offs, inside = tables.block_elements(block_tensor, block_start, numels, BLOCK)
     m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(OPMATH))
     if tl.load(found) != 0:
         # Skipped: nothing is written; report NaN kept and the unchanged ||m||^2 (the next step's
