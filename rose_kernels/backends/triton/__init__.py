@@ -47,7 +47,7 @@ class TritonBackend:
     device_resident = True
 
     def supports(self, device: torch.device) -> bool:
-        return device.type == "cuda" or (device.type == "cpu" and tables.interpreting())
+        return device.type == "cuda" or (device.type == "cpu" and tables.on_host())
 
     def record_first_order(
         self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],

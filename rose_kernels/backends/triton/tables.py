@@ -31,6 +31,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by ``aot.compile_only``: kernels are compiled for a GPU target (not run) while the backend is
+# driven with CPU tensors, with the GPU's block sizes, so every launch of a real step is compiled.
+COMPILE_ONLY = False
+
+
+def on_host() -> bool:
+    """Whether the backend accepts CPU tensors: interpreted kernels, or compile-only launches."""
+    return interpreting() or COMPILE_ONLY
+
+
 class _LRU(OrderedDict):
     def lookup(self, key):
         value = self.get(key)
@@ -129,7 +139,7 @@ _GPU_BLOCKS = {"reduce": 8192, "select": 8192, "update": 4096}
 
 
 def block_size(kind: str, total_elements: int) -> int:
-    if interpreting():
+    if interpreting() and not COMPILE_ONLY:
         return 1024 if total_elements <= (1 << 21) else 1 << 16
     return _GPU_BLOCKS[kind]
 
