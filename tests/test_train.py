@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,6 +129,7 @@ def test_rose_train_writes_metrics_checkpoint_plot_and_model(tiny_model, files, 
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     assert all("layer 0" in h["layers"] and "layer 1" in h["layers"] for h in history)
+    assert [h["kept_at_step"] for h in history] == [2, 2, 4, 4]  # read before each save (--save-steps 2)
     if mode != "off":
         assert any(h["kept"] < 1.0 for h in history), history
     assert (out / "model" / "config.json").is_file() and (out / CHECKPOINT).is_file()
@@ -195,7 +197,85 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tiny_model, files, tmp
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, killed))
     for key in ("clean_accuracy", "attack", "steps", "final_loss", "final_kept"):
         assert ma[key] == mb[key], key
+    assert (straight / "history.json").read_text() == (killed / "history.json").read_text()
     assert not list(killed.glob(".*.tmp-*")), "a temporary checkpoint file was left behind"
+
+
+# ------------------------------------------------------------------------------------------------
+# --log-steps: the host reads the losses and kept fractions at log points only
+# ------------------------------------------------------------------------------------------------
+
+
+def log_args(tiny_model, files, out: Path, log_steps: int, save_steps: int = 100) -> list[str]:
+    """7 steps of 8 examples (48 training rows: a second epoch), no attack."""
+    return base_args(tiny_model, files, out, "--max-steps", "7", "--epochs", "2", "--attack", "none",
+                     "--log-steps", str(log_steps), "--save-steps", str(save_steps))
+
+
+@pytest.fixture
+def mask_stats_calls(monkeypatch) -> list[int]:
+    """Counts RoseAdamW.mask_stats() calls (each one a device->host read of the kept fractions)."""
+    calls = []
+    original = RoseAdamW.mask_stats
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(RoseAdamW, "mask_stats", counting)
+    return calls
+
+
+def test_log_steps_gives_the_history_of_every_step(tiny_model, files, tmp_path, capsys, mask_stats_calls):
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    assert run_cli(cli.train_main, log_args(tiny_model, files, every, 1), capsys)[0] == 0
+    assert len(mask_stats_calls) == 7
+    mask_stats_calls.clear()
+    assert run_cli(cli.train_main, log_args(tiny_model, files, sparse, 3), capsys)[0] == 0
+    assert len(mask_stats_calls) == 3  # ceil(7 / 3): at steps 3, 6 and 7 (the last), not at every step
+    a, b = (json.loads((d / "history.json").read_text()) for d in (every, sparse))
+    assert [h["step"] for h in b] == list(range(1, 8))
+    assert [h["loss"] for h in a] == [h["loss"] for h in b]  # bit-equal: the same per-step losses
+    assert [h["lr"] for h in a] == [h["lr"] for h in b]
+    assert [h["kept_at_step"] for h in a] == list(range(1, 8))
+    assert [h["kept_at_step"] for h in b] == [3, 3, 3, 6, 6, 6, 7]
+    for h in b:  # in between: the kept fractions read at the log point
+        read_at = a[h["kept_at_step"] - 1]
+        assert h["kept"] == read_at["kept"] and h["layers"] == read_at["layers"]
+    assert (sparse / "kept_fraction.png").read_bytes().startswith(PNG)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (every, sparse))
+    assert ma["final_loss"] == mb["final_loss"] and ma["final_kept"] == mb["final_kept"]
+    sa, sb = model_state(every), model_state(sparse)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_log_steps_flushes_before_each_checkpoint(tiny_model, files, tmp_path, capsys, mask_stats_calls):
+    """A checkpoint holds the history of every step up to it, so an interrupted and resumed run writes
+    the same history as an uninterrupted one (interrupted in step 6, step 5 read at no log point)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(cli.train_main, log_args(tiny_model, files, straight, 3, save_steps=4), capsys)[0] == 0
+    assert len(mask_stats_calls) == 4  # log points 3, 6, 7 and the save at step 4
+    steps = []
+
+    def interrupt(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 6:
+            raise KeyboardInterrupt
+
+    handle = register_optimizer_step_pre_hook(interrupt)
+    try:
+        code, _, err = run_cli(cli.train_main, log_args(tiny_model, files, resumed, 3, save_steps=4), capsys)
+    finally:
+        handle.remove()
+    assert code == 130, err
+    saved = torch.load(resumed / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert saved["step"] == 4 and [h["step"] for h in saved["history"]] == [1, 2, 3, 4]
+    assert [h["kept_at_step"] for h in saved["history"]] == [3, 3, 3, 4]
+    code, _, err = run_cli(cli.train_main, ["--resume", "--output-dir", str(resumed), "--no-progress"], capsys)
+    assert code == 0, err
+    assert (straight / "history.json").read_text() == (resumed / "history.json").read_text()
+    a, b = model_state(straight), model_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,6 +324,7 @@ def test_bad_inputs_give_one_clear_line(tiny_model, files, tmp_path, capsys):
         (dict(**{"--model": str(vit)}), "has no sequence-classification head"),
         (dict(**{"--resume": None}), "--resume: no checkpoint"),
         (dict(**{"--adv-file": str(files["train"])}), "not valid JSON"),
+        (dict(**{"--log-steps": "0"}), "--log-steps must be at least 1, got 0"),
     ]
     for changes, what in cases:
         code, _, err = run_cli(cli.train_main, _bad(tmp_path, files, tiny_model, **changes), capsys)

@@ -82,6 +82,8 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default=defaults.output_dir)
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     run.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps")
+    run.add_argument("--log-steps", type=int, default=defaults.log_steps,
+                     help="read the loss and kept fractions every N steps (each read waits for the device)")
     run.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

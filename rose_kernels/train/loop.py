@@ -6,6 +6,11 @@ the CPU kernels are deterministic. So a run killed at any point and resumed from
 checkpoint ends with the same weights and metrics as one that was never interrupted.
 Checkpoints are written to a temporary file and renamed over the old one, so a kill while writing
 leaves the previous checkpoint intact.
+
+The loop does not wait for the device at every step: the step's loss stays a device tensor, and
+the losses of the steps since the last log point are read to the host in one go, together with the
+optimizer's kept fractions, every ``log_steps`` steps, at the last step and right before each
+checkpoint (so a checkpoint's history is complete and a resumed run logs at the same steps).
 """
 
 from __future__ import annotations
@@ -70,13 +75,15 @@ class TrainConfig:
     output_dir: str = "runs/rose"
     resume: bool = False
     save_steps: int = 20
+    log_steps: int = 10  # read the losses and kept fractions to the host every N steps (a device sync)
     precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA), fp16 (CUDA, with a GradScaler)
     device: str = "auto"
     backend: str = "auto"
     eval_batch_size: int = 64
 
     def check(self) -> None:
-        positive = ("batch_size", "grad_accum", "max_length", "epochs", "save_steps", "eval_batch_size")
+        positive = ("batch_size", "grad_accum", "max_length", "epochs", "save_steps", "log_steps",
+                    "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -179,7 +186,11 @@ def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def plot_kept(history: list[dict], path: Path, title: str) -> None:
-    """Kept fraction per layer over the training steps (what ROSE froze, where and when)."""
+    """Kept fraction per layer over the training steps (what ROSE froze, where and when).
+
+    Only the steps the kept fractions were read at are drawn (``kept_at_step == step``; the entries
+    in between carry those of the next log point, see :func:`train`).
+    """
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -187,12 +198,14 @@ def plot_kept(history: list[dict], path: Path, title: str) -> None:
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    history = [h for h in history if h.get("kept_at_step", h["step"]) == h["step"]]
     steps = [h["step"] for h in history]
     layers = sorted({layer for h in history for layer in h["layers"]}, key=_layer_key)
     cmap = matplotlib.colormaps["viridis"]
+    marker = "." if len(steps) <= 40 else None  # few log points: a single one must still show
     for i, layer in enumerate(layers):
         values = [h["layers"].get(layer, math.nan) for h in history]
-        ax.plot(steps, values, label=layer, color=cmap(i / max(1, len(layers) - 1)), linewidth=1.2)
+        ax.plot(steps, values, label=layer, color=cmap(i / max(1, len(layers) - 1)), linewidth=1.2, marker=marker)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("kept fraction (mean mask value)")
     ax.set_ylim(-0.02, 1.02)
@@ -202,6 +215,19 @@ def plot_kept(history: list[dict], path: Path, title: str) -> None:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _batch_on(tokenizer, examples, max_length: int, device: torch.device):
+    """``batch_of`` built on the host and copied without waiting: a plain ``.to("cuda")`` from pageable
+    memory synchronises the stream, i.e. waits for all the work queued before it (the previous step)."""
+    if device.type != "cuda":
+        return batch_of(tokenizer, examples, max_length, device)
+    inputs, labels = batch_of(tokenizer, examples, max_length, torch.device("cpu"))
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True)  # pinned blocks are kept until their copy is done
+
+    return {k: move(v) for k, v in inputs.items()}, move(labels)
 
 
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -283,6 +309,30 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc="rose-train", unit="step", dynamic_ncols=True)
+    # Per-step values are kept on the device until a log point (every --log-steps steps, the last
+    # step, and right before each checkpoint), where the pending losses are read in one go and
+    # optimizer.mask_stats() is read once: mask_stats is read at log points only, so the history
+    # entries of the steps in between carry the kept fractions of the log point's step, named in
+    # their "kept_at_step". The log points depend on the step number only, so a resumed run logs
+    # at the same steps (and writes the same history) as an uninterrupted one.
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: the sums of Python floats
+    pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, 0-d loss on the device), not yet logged
+
+    def flush() -> None:
+        if not pending:
+            return
+        losses = torch.stack([loss for _, _, loss in pending]).tolist()  # the one device->host read of losses
+        stats = optimizer.mask_stats()
+        layers = layer_kept(stats, sizes)
+        kept = sum(stats[n] * sizes[n] for n in stats) / max(1, sum(sizes[n] for n in stats)) if stats else 1.0
+        read_at = pending[-1][0]
+        for (entry_step, lr, _), loss in zip(pending, losses, strict=True):
+            history.append({"step": entry_step, "loss": loss, "lr": lr, "kept": kept, "layers": dict(layers),
+                            "kept_at_step": read_at})
+        pending.clear()
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", kept=f"{kept:.3f}")
+
     model.train()
     while step < total:
         started = time.perf_counter()
@@ -293,16 +343,16 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
                  for a in range(cfg.grad_accum)]
         micro = [m for m in micro if m]
         count = sum(len(m) for m in micro)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
         for indices in micro:
-            inputs, labels = batch_of(tokenizer, [corpus.train[i] for i in indices], cfg.max_length, device)
+            inputs, labels = _batch_on(tokenizer, [corpus.train[i] for i in indices], cfg.max_length, device)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 loss, loss_kl, _ = rose_losses(model, inputs, labels, cfg.mode)
             weight = len(indices) / count  # the step's loss is the mean over its examples
             if first is not None:
                 first.add(scaler.scale(loss_kl))
             scaler.scale(loss * weight).backward()
-            loss_sum += float(loss.detach()) * weight
+            loss_sum = loss_sum + loss.detach().to(sum_dtype) * weight  # no read: stays on the device
         if first is not None:
             first.record()
         scaler.unscale_(optimizer)
@@ -313,16 +363,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        stats = optimizer.mask_stats()
-        layers = layer_kept(stats, sizes)
-        kept = sum(stats[n] * sizes[n] for n in stats) / max(1, sum(sizes[n] for n in stats)) if stats else 1.0
-        train_seconds += time.perf_counter() - started
-        history.append({"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "kept": kept,
-                        "layers": layers})
+        pending.append((step, scheduler.get_last_lr()[0], loss_sum))  # the lr is a host number already
+        save = step % cfg.save_steps == 0 or step == total
+        if save or step % cfg.log_steps == 0:
+            flush()  # before a save, so that the checkpoint holds the history of every step up to it
+        train_seconds += time.perf_counter() - started  # a flush waits for the queued steps: counted here
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_sum:.4f}", kept=f"{kept:.3f}")
             bar.update(1)
-        if step % cfg.save_steps == 0 or step == total:
+        if save:
             save_checkpoint()
     if bar is not None:
         bar.close()

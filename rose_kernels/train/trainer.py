@@ -48,6 +48,10 @@ class RoseTrainer(Trainer):
             self._first_since = None
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        # No read from the device here: the loss is returned as a tensor (the Trainer sums it on the
+        # device and reads it every logging_steps), the KL gradients stay in device buffers, and
+        # mask_stats() is never called. The Trainer's own loop still checks each micro-batch's loss for
+        # NaN/Inf on the host (a sync per micro-batch) unless TrainingArguments(logging_nan_inf_filter=False).
         if not needs_two_passes(self.rose_options["mode"]):
             return super().training_step(model, inputs, num_items_in_batch)  # one pass; RoseAdamW masks
         model.train()
