@@ -107,7 +107,9 @@ class RoseAdamW(Optimizer):
             a RuntimeError, or ``"skip"`` the step (``skipped_steps`` counts them). Either way no
             parameter or state changes. ``"auto"`` (default) raises on the CPU, and skips on the
             GPU, where the skip is decided on the device: raising there means waiting for the
-            device every step, which also rules out CUDA graphs.
+            device every step, which also rules out CUDA graphs. A step skipped on the host warns
+            at once; one skipped on the device warns at the next :meth:`check`,
+            :meth:`mask_stats` or :meth:`state_dict` (the first reads of the device after it).
 
     The state per parameter has the keys of ``torch.optim.AdamW`` (``step``, ``exp_avg``,
     ``exp_avg_sq``; moments in float32 for bf16/fp16 parameters), so checkpoints move both ways.
@@ -164,11 +166,16 @@ class RoseAdamW(Optimizer):
         self.backend = backend
         self._skipped_on_host = 0
         self._skipped_on_device: torch.Tensor | None = None
+        self._device_skips_reported = 0  # value of _skipped_on_device at the last check
         self._first_order: dict[torch.Tensor, Any] | None = None
         self._first_order_nonfinite = False
         self._first_order_flag: torch.Tensor | None = None  # device-resident backends
         self._first_order_buffers: dict[torch.Tensor, Any] = {}  # last masks, reused as buffers
-        self._workspace: dict = {}  # device-resident backends' scratch (selection guesses)
+        # Device tensors read by steps captured in CUDA graphs, which replay raw pointers: owned
+        # here for as long as the optimizer lives, whatever the backend's caches evict.
+        self._graph_keepalive: list[torch.Tensor] = []
+        # Device-resident backends' scratch (selection guesses, lr buffer), kept across steps.
+        self._workspace: dict = {"graph_keepalive": self._graph_keepalive}
         self._kept: dict[torch.Tensor, int] = {}  # parameter -> position in _kept_values
         self._kept_values: list[float] | torch.Tensor = []
         self._exp_avg_sumsq: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
@@ -235,6 +242,7 @@ class RoseAdamW(Optimizer):
         self._first_order_nonfinite = False
         self._first_order_flag = None
         self._workspace.clear()
+        self._workspace["graph_keepalive"] = self._graph_keepalive  # graphs captured before may replay
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -265,9 +273,40 @@ class RoseAdamW(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (reading it waits for the device, if any)."""
+        """Steps skipped for non-finite gradients (reading it waits for the device, if any).
+
+        A plain read: unlike :meth:`check` it neither warns nor marks device skips as reported."""
         on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device)
         return self._skipped_on_host + on_device
+
+    def check(self) -> int:
+        """Steps skipped for non-finite gradients so far (one read of the device, if any).
+
+        Steps skipped on the device (GPU backends: the step never waits to find out) are reported
+        here, by one RuntimeWarning for all those since the last check; :meth:`mask_stats` and
+        :meth:`state_dict` do the same. Steps skipped on the host warned when they happened."""
+        return self._skipped_on_host + self._report_device_skips()
+
+    def _report_device_skips(self, count: int | None = None) -> int:
+        """The device's skip count (``count``: already read), warning once about the new ones."""
+        if self._skipped_on_device is None:
+            return 0
+        if count is None:
+            count = int(self._skipped_on_device)
+        new = count - self._device_skips_reported
+        self._device_skips_reported = count
+        if new > 0:
+            warnings.warn(
+                f"RoseAdamW: {new} step{'s were' if new > 1 else ' was'} skipped on the device since the last "
+                "check (non-finite gradients); no parameter or state changed in "
+                f"{'them' if new > 1 else 'it'}",
+                RuntimeWarning, stacklevel=3,
+            )
+        return count
+
+    def state_dict(self) -> dict:
+        self._report_device_skips()
+        return super().state_dict()
 
     def _policy(self, backend) -> str:
         if self.rose.nonfinite != "auto":
@@ -285,8 +324,11 @@ class RoseAdamW(Optimizer):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _count_device_skip(self, flag: torch.Tensor) -> None:
-        if self._skipped_on_device is None or self._skipped_on_device.device != flag.device:
+        counter = self._skipped_on_device
+        if counter is None:
             self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=flag.device)
+        elif counter.device != flag.device:
+            self._skipped_on_device = counter.to(flag.device)  # keeps the count (and what was reported)
         self._skipped_on_device.add_(flag)  # in place: a replayed CUDA graph keeps counting
 
     def _eligible_with_grads(self) -> list[torch.Tensor]:
@@ -375,6 +417,8 @@ class RoseAdamW(Optimizer):
         ]
 
         backend = self._backend_for(batch.params)
+        capturing = getattr(backend, "capturing", None)
+        capturing = capturing is not None and capturing(batch.params[0].device)
         result = backend.step(batch, cfg)
         self._first_order = None
         self._first_order_flag = None
@@ -390,11 +434,15 @@ class RoseAdamW(Optimizer):
             self.state[p] = state
         kept = {p: i for i, p in enumerate(batch.params) if batch.eligible[i]}
         values = result.kept
-        if isinstance(result.nonfinite, torch.Tensor) and kept == self._kept:
-            # A step skipped on the device keeps the last step's kept fractions, as on the host.
-            old = self._kept_values
-            if isinstance(old, torch.Tensor) and old.shape == values.shape:
+        old = self._kept_values
+        if (isinstance(values, torch.Tensor) and kept == self._kept and isinstance(old, torch.Tensor)
+                and (old.shape, old.dtype, old.device) == (values.shape, values.dtype, values.device)):
+            # Written in place, not replaced: a captured step then reads and writes this buffer on
+            # every replay, so a replayed skipped step keeps the fractions of the step before it
+            # (as on the host), and the graph never reads a tensor that a later step drops.
+            if isinstance(result.nonfinite, torch.Tensor):
                 values = torch.where(result.nonfinite, old, values)
+            values = old.copy_(values)
         self._kept = kept
         self._kept_values = values
         sumsqs = result.exp_avg_sumsq
@@ -402,7 +450,16 @@ class RoseAdamW(Optimizer):
             for i, p in enumerate(batch.params):
                 m = batch.exp_avgs[i]
                 self._exp_avg_sumsq[p] = (weakref.ref(m), m._version, sumsqs[i])
+        if capturing:
+            # What the captured step wrote or read of ours that a later step replaces (the buffer on
+            # a new parameter set, the cached sums, the counter on a new device) stays ours.
+            self._keep_alive(values, sumsqs, result.nonfinite, self._skipped_on_device)
         return loss
+
+    def _keep_alive(self, *tensors) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and not any(t is held for held in self._graph_keepalive):
+                self._graph_keepalive.append(t)
 
     def _cached_exp_avg_sumsq(self, p: torch.Tensor, exp_avg: torch.Tensor) -> float | None:
         entry = self._exp_avg_sumsq.get(p)
@@ -488,8 +545,18 @@ class RoseAdamW(Optimizer):
         ``"<group index>.<param index>"``.
         """
         values = self._kept_values
+        counter = self._skipped_on_device
         if isinstance(values, torch.Tensor):
-            values = values.tolist()  # device-resident results: one read, here, when asked
+            # Device-resident results: one read, here, when asked (with the skip counter).
+            if counter is not None and counter.device == values.device:
+                read = torch.cat([values.to(torch.float64), counter.reshape(1).to(torch.float64)]).tolist()
+                values = read[:-1]
+                self._report_device_skips(int(read[-1]))
+            else:
+                values = values.tolist()
+                self._report_device_skips()
+        else:
+            self._report_device_skips()
         stats = {}
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names")

@@ -66,6 +66,8 @@ class StepBatch:
     # Device-resident backends: the non-finite flag of the recorded first-order scores (0-d bool).
     first_order_nonfinite: torch.Tensor | None = None
     # The optimizer's scratch space for the backend, kept across steps (never part of results).
+    # ``workspace["graph_keepalive"]``: a list the optimizer keeps for its lifetime; a backend puts
+    # there every device tensor that a step captured in a CUDA graph reads and could otherwise free.
     workspace: dict | None = None
 
 

@@ -16,6 +16,35 @@ if not torch.cuda.is_available():
 
 from rose_kernels import RoseAdamW  # noqa: E402
 
+# Every Triton kernel variant the interpreted tests launch (``aot.variant_key``), so that
+# test_triton_aot.py can check that each one also compiles for the GPU targets.
+INTERPRETED_LAUNCHES: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_interpreted_launches():
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        yield
+        return
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from rose_kernels.backends.triton.aot import variant_key
+    except ImportError:
+        yield
+        return
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        INTERPRETED_LAUNCHES.add(variant_key(self, args, kwargs))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+
 MODES = ("off", "first", "second", "ensemble")
 GRANULARITIES = ("tensor", "element")
 SCOPES = ("tensor", "global")

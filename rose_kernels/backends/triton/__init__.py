@@ -2,15 +2,22 @@
 
 The GPU path. A step never waits on the host: step counters, lr (when a tensor), pool sizes,
 thresholds, masks and the non-finite flag are device tensors, and the kernels skip the update on
-the device when a gradient is not finite. So ``step()`` issues kernels and returns, and a whole
+the device when an input is not finite. So ``step()`` issues kernels and returns, and a whole
 step can be captured in a CUDA graph. Launch tables are cached (``tables.py``), so in a steady state
-a step copies nothing from the host.
+a step copies nothing from the host (a float lr only when it changed: one small copy into a
+buffer of the optimizer's workspace).
+
+While a CUDA graph is captured, every device tensor the captured work reads that the caches or
+the workspace could later free goes into ``workspace["graph_keepalive"]`` (the optimizer's list),
+so that a replay never reads memory handed to something else.
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (slowly); that is how the tests
 exercise this backend on machines without a GPU.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +45,81 @@ def _guesses(workspace: dict | None, order: str, pools: int, device: torch.devic
     guesses = workspace.get(order)
     if guesses is None or guesses.shape[0] != pools or guesses.device != device:
         guesses = workspace[order] = new_guesses(pools, device)
+    tables.hold(guesses)  # replaced when the pools change; a captured graph keeps writing this one
     return guesses
+
+
+def _keep_alive(workspace: dict | None, device: torch.device):
+    """tables.keep_alive into the optimizer's list (one is made in a workspace that has none)."""
+    sink = None if workspace is None else workspace.setdefault("graph_keepalive", [])
+    return tables.keep_alive(sink, device)
+
+
+@dataclass
+class _LrBuffer:
+    """The float lrs of the step's parameters on the device, and the host side of their copy."""
+
+    on_device: torch.Tensor  # float64 [n]
+    values: tuple[float, ...] | None  # what on_device holds (once the queued copy has run)
+    host: torch.Tensor | None = None  # pinned staging tensor (CUDA)
+    copied: object = None  # torch.cuda.Event recorded after the last copy out of ``host``
+
+    def __getstate__(self) -> dict:
+        # A CUDA event does not pickle (nor deep-copy, which a copied optimizer does): made anew.
+        return {**self.__dict__, "host": None, "copied": None}
+
+
+def _float_lrs(workspace: dict | None, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float64 ``[n]`` device tensor holding ``values``, refilled only when they change.
+
+    Not a ``tables.constant``: an LR scheduler changes the lr every step, and a cache keyed by
+    value would then make a new device tensor and cache entry (evicting useful ones) per step.
+    The buffer belongs to the optimizer's workspace, so a graph that reads it stays valid."""
+    lrs = workspace.get("lr") if workspace is not None else None
+    if lrs is not None and lrs.values == values and lrs.on_device.device == device:
+        tables.hold(lrs.on_device)
+        return lrs.on_device
+    if tables.capturing(device):
+        # A host-to-device copy captured into a graph would replay from host memory we reuse.
+        raise RuntimeError(
+            "rose_kernels (triton): a float lr changed since the last eager step while a CUDA graph is "
+            "being captured; run one eager step with this lr before capturing, or pass the lr as a "
+            "device tensor (a replay reads its value then)"
+        )
+    n = len(values)
+    if lrs is None or lrs.on_device.shape != (n,) or lrs.on_device.device != device:
+        lrs = _LrBuffer(torch.empty(n, dtype=torch.float64, device=device), None)
+        if workspace is not None:
+            workspace["lr"] = lrs
+    staged = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        # The pinned staging tensor is rewritten only once its last copy has run (an event query,
+        # no wait); else a fresh one comes from torch's pinned caching allocator, which recycles
+        # the old one when its copy is done.
+        if lrs.host is None or lrs.host.shape != (n,) or not lrs.copied.query():
+            lrs.host = torch.empty(n, dtype=torch.float64, pin_memory=True)
+            lrs.copied = torch.cuda.Event()
+        lrs.host.copy_(staged)
+        lrs.on_device.copy_(lrs.host, non_blocking=True)
+        lrs.copied.record()
+    else:
+        lrs.on_device.copy_(staged)
+    lrs.values = values
+    tables.hold(lrs.on_device)
+    return lrs.on_device
+
+
+def _lr_column(workspace: dict | None, hypers, device: torch.device) -> torch.Tensor:
+    """float64 ``[n]``: each parameter's lr on the device (tensor lrs are read there, never copied)."""
+    tensors = [h.lr if isinstance(h.lr, torch.Tensor) else None for h in hypers]
+    tables.hold(tensors)
+    if all(t is not None for t in tensors):
+        return torch.stack([t.reshape(()).to(torch.float64) for t in tensors])
+    floats = _float_lrs(workspace, tuple(0.0 if t is not None else float(h.lr)
+                                         for h, t in zip(hypers, tensors, strict=True)), device)
+    if all(t is None for t in tensors):
+        return floats
+    return torch.stack([floats[i] if t is None else t.reshape(()).to(torch.float64) for i, t in enumerate(tensors)])
 
 
 class TritonBackend:
@@ -49,12 +130,24 @@ class TritonBackend:
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" or (device.type == "cpu" and tables.on_host())
 
+    @staticmethod
+    def capturing(device: torch.device) -> bool:
+        """Whether work on ``device`` is being captured into a CUDA graph now (RoseAdamW then keeps
+        its own tensors that the captured step reads in ``workspace["graph_keepalive"]``)."""
+        return tables.capturing(device)
+
     def record_first_order(
         self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
         cfg: RoseConfig, reuse: list[torch.Tensor | None] | None = None, workspace: dict | None = None,
     ) -> FirstOrderRecord:
         """``reuse``: last step's masks; their buffers are written again (fixed addresses: the launch
         tables stay cached and a captured CUDA graph keeps pointing at the right memory)."""
+        with _keep_alive(workspace, kl_grads[0].device):
+            record = self._record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse, workspace)
+            tables.hold(record.masks, record.nonfinite)
+            return record
+
+    def _record_first_order(self, kl_grads, state_steps, warmup_steps, cfg, reuse, workspace) -> FirstOrderRecord:
         device = kl_grads[0].device
         n = len(kl_grads)
         scored = _steps(state_steps, device) + 1 > tables.constant(tuple(warmup_steps), torch.float32, device)
@@ -83,6 +176,14 @@ class TritonBackend:
         return FirstOrderRecord(masks=bits, nonfinite=nonfinite)
 
     def step(self, batch: StepBatch, cfg: RoseConfig) -> StepResult:
+        with _keep_alive(batch.workspace, batch.params[0].device):
+            # Inputs the optimizer may drop before a replay: last record's masks and flag, tensor lrs.
+            tables.hold(batch.first_order, batch.first_order_nonfinite)
+            result = self._step(batch, cfg)
+            tables.hold(result.nonfinite, result.kept, result.exp_avg_sumsq)
+            return result
+
+    def _step(self, batch: StepBatch, cfg: RoseConfig) -> StepResult:
         params = batch.params
         n = len(params)
         device = params[0].device
@@ -101,7 +202,7 @@ class TritonBackend:
         found = torch.zeros(1, dtype=torch.int32, device=device)
         if batch.first_order_nonfinite is not None:
             found = found | batch.first_order_nonfinite.reshape(1).to(torch.int32)
-        nan = tables.constant((float("nan"),) * n, torch.float64, device)
+        nan = tables.constant((tables.NAN,) * n, torch.float64, device)
         ones = tables.constant((1.0,) * n, torch.float64, device)
         mu1, mu2, lower, upper = ones, ones, nan, nan
 
@@ -133,21 +234,16 @@ class TritonBackend:
         masks = torch.stack([mu1, mu2, lower, upper], dim=1)
 
         w_first, w_second = _WEIGHTS.get(cfg.mode, (cfg.gamma, 1.0 - cfg.gamma))
-        rows, lr_tensors = [], []
+        rows = []
         for i, h in enumerate(hypers):
             active = batch.eligible[i] and cfg.mode != "off"
-            lr_is_tensor = isinstance(h.lr, torch.Tensor)
-            lr_tensors.append(h.lr if lr_is_tensor else None)
             rows.extend((
-                0.0 if lr_is_tensor else h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, float(h.correct_bias),
+                0.0, h.beta1, h.beta2, h.eps, h.weight_decay, float(h.correct_bias),  # lr: column 0, below
                 float(h.warmup_steps), w_first if active else 0.0, w_second if active else 1.0,
                 float(active and uses_second and element), h.scale,
             ))
-        hyper = tables.constant(tuple(rows), torch.float64, device).reshape(n, -1)
-        if any(t is not None for t in lr_tensors):
-            zero = tables.constant((0.0,), torch.float64, device)[0]
-            hyper = hyper.clone()
-            hyper[:, 0] = torch.stack([zero if t is None else t.reshape(()).to(torch.float64) for t in lr_tensors])
+        table = tables.constant(tuple(rows), torch.float64, device).reshape(n, -1)
+        hyper = torch.cat([_lr_column(batch.workspace, hypers, device)[:, None], table[:, 1:]], dim=1)
 
         out = masked_adamw_(
             params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.state_steps, first_masks, hyper, masks,
@@ -161,7 +257,7 @@ class TritonBackend:
     def _tensor_second_order(batch, cfg, pooled, grad_sums, device) -> torch.Tensor:
         """Tensor-granularity second-order masks, float64 ``[n]`` (1 where undefined or not pooled)."""
         cached = batch.exp_avg_sumsq or [None] * len(batch.params)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if tables.capturing(device):
             # A graph would replay the cached values of the step before capture: recompute inside.
             cached = [None] * len(batch.params)
         missing = [i for i, c in enumerate(cached) if c is None]

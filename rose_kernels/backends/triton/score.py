@@ -12,15 +12,14 @@ import triton
 import triton.language as tl
 
 from rose_kernels.backends.triton import tables
-from rose_kernels.backends.triton.select import in_bounds
+from rose_kernels.backends.triton.select import aligned_addresses, block_elements, in_bounds, load_block, typed_pointer
 
 
 @triton.jit
 def _block_sumsq_kernel(block_tensor, block_start, numels, addrs, partials,
-                        DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    b, t, _, offs, inside = tables.block_elements(block_tensor, block_start, numels, BLOCK)
-    x_ptr = tl.load(addrs + t).to(tl.pointer_type(DTYPE))
-    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+                        DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    b, t, _, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
+    x = load_block(typed_pointer(addrs, t, DTYPE, ALIGNED), offs, inside, full).to(tl.float64)
     tl.store(partials + b, tl.sum(x * x, axis=0))
 
 
@@ -48,18 +47,20 @@ def segment_sum(partials: torch.Tensor, blocks: tables.BlockTable, n: int) -> to
     out = torch.empty((n, columns), dtype=torch.float64, device=partials.device)
     if n:
         chunk = 256
-        segment_sum_kernel[(n,)](partials, blocks.first_block, out, COLUMNS=columns, CHUNK=chunk,
-                                 CHUNKS=-(-blocks.most_blocks // chunk))
+        # A power of two: a new model size seldom means a new compile of this loop.
+        chunks = 1 << max(0, -(-blocks.most_blocks // chunk) - 1).bit_length()
+        segment_sum_kernel[(n,)](partials, blocks.first_block, out, COLUMNS=columns, CHUNK=chunk, CHUNKS=chunks)
     return out
 
 
 @triton.jit
 def _first_order_bits_kernel(block_tensor, block_start, numels, g_addrs, bit_addrs, bounds, partials,
-                             DTYPE: tl.constexpr, OPMATH: tl.constexpr, BLOCK: tl.constexpr):
-    b, t, start, offs, inside = tables.block_elements(block_tensor, block_start, numels, BLOCK)
+                             DTYPE: tl.constexpr, OPMATH: tl.constexpr, ALIGNED: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    b, t, start, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
     n = tl.load(numels + t)
-    g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(DTYPE))
-    s = tl.abs(tl.load(g_ptr + offs, mask=inside, other=0.0).to(OPMATH)).to(tl.float64)
+    g = load_block(typed_pointer(g_addrs, t, DTYPE, ALIGNED), offs, inside, full)
+    s = tl.abs(g.to(OPMATH)).to(tl.float64)
     lo = tl.load(bounds + 2 * t)
     hi = tl.load(bounds + 2 * t + 1)
     keep = inside & in_bounds(s, lo, hi)
@@ -89,7 +90,8 @@ def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
             _block_sumsq_kernel[(blocks.num_blocks,)](
                 blocks.block_tensor, blocks.block_start, _numels(group, device),
                 tables.addresses(group, device=device), partials,
-                DTYPE=tables.TL_DTYPES[dtype], BLOCK=blocks.block,
+                DTYPE=tables.TL_DTYPES[dtype], ALIGNED=aligned_addresses(group), BLOCK=blocks.block,
+                num_warps=tables.warps("reduce"),
             )
         tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])
     return out
@@ -124,7 +126,8 @@ def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: li
                 blocks.block_tensor, blocks.block_start, _numels(group, device),
                 tables.addresses(group, device=device), tables.addresses([masks[i] for i in index], device=device),
                 group_bounds, partials,
-                DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], BLOCK=blocks.block,
+                DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)],
+                ALIGNED=aligned_addresses(group), BLOCK=blocks.block, num_warps=tables.warps("reduce"),
             )
         tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])
     return out

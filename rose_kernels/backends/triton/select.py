@@ -2,26 +2,34 @@
 
 Element scores are non-negative floats, so their bit patterns, read as integers, sort like the
 scores (``key``). A quantile of a pool of ``n`` scores needs the order statistics ``x_k`` and
-``x_{k+1}`` at ``k = floor(q * (n - 1))``: four ranks for the two thresholds. They are found by an
-MSD radix select over the keys, 12 bits per pass:
+``x_{k+1}`` at ``k = floor(q * (n - 1))``: four ranks for the two thresholds. Each rank is looked
+for in a *window* of keys: three consecutive top-12-bit buckets (a bucket is 1/16 octave of scores)
+around where the rank is expected.
 
-- pass 0 reads every score once, builds a 4096-bin histogram of the top digit per pool (and checks
-  every gradient for non-finite values on the way), which also yields ``n``;
-- each later pass histograms the next digit of only the scores whose higher digits equal the
-  prefix found so far for a rank: the boundary buckets, nothing else;
-- between passes a few tiny device ops (cumsum, searchsorted) pick each rank's bucket.
+- **Window pass** (one read of g and m): per pool, the number of scores ``n``, and per rank the
+  number of scores below its window and inside it; the keys inside any window are appended to the
+  pool's candidate region. It carries the step's finiteness check of every gradient. The windows
+  come from the previous call's answer (``guesses``): when every rank lies inside its window (a
+  hit, the rule from one optimizer step to the next), this is the only read of the pool.
+- **Miss** (first call, or the scores moved by more than a bucket): two digit passes over the pool
+  find each rank's exact top-12-bit bucket (8 bits, then 4), and a second window pass compacts the
+  windows around those.
+- **Candidate passes** then find each rank inside its window by MSD radix select over
+  ``key - window start`` (8-bit digits: 3 passes for float32 scores, 7 for float64), reading only
+  the compacted keys. A region that overflowed (heavy ties) sends its pool through the same digit
+  passes over the full pool instead.
 
-float32 scores take 3 passes (31 bits: 12 + 12 + 7), float64 scores 6. Counts are int64, so pools
-of any size work. Everything stays on the device: counts, ranks and thresholds never visit the host.
+Why 8-bit digits and no histogram in the window pass: ``tl.histogram`` lowers to warp ballots whose
+cost grows with the bins; compiled for sm_90 (bench/results/triton-aot-*.md) a masked histogram of
+an 8192-element block costs ~16 warp-instructions per element at 4096 bins, 1.8 at 256 and 0.7 at
+16, while an H200 streaming g and m (8 bytes per element at ~4 TB/s against ~1e12 warp-instructions
+per second) has ~2 warp-instructions per element to spend. The window pass only counts and
+compacts (comparisons and block sums, ~1 per element), so a hit stays memory-bound; histograms run
+on the candidates (a few percent of a pool) or on the rare misses.
 
-Only pass 0 has to read the gradients: the keys of the boundary buckets are compacted into a
-candidate region per pool, and later passes read those. Pass 0 cannot know the boundary buckets
-yet, so it compacts the buckets around the previous call's answer (``guesses``); when the answer
-is still there (a hit: the usual case from one step to the next) the pool costs one read of g and
-m. Otherwise pass 1 reads the pool again and compacts the now-known buckets; a region that
-overflows (heavy ties) sends its pool to full passes. Every route gives the same exact result.
-
-Pools of one score per tensor (tensor granularity: a few hundred values) are sorted instead.
+Counts are int64, so pools of any size work. Everything stays on the device: counts, ranks and
+thresholds never visit the host. Every route gives the same exact result. Pools of one score per
+tensor (tensor granularity: a few hundred values) are sorted instead.
 """
 
 from __future__ import annotations
@@ -32,14 +40,14 @@ import triton.language as tl
 
 from rose_kernels.backends.triton import tables
 
-# 12-bit digits: the top digit of a float32 score is its exponent and 4 mantissa bits (buckets
-# 1/16 octave wide). On simulated second-order scores (noisy gradients, EMA moments) the bucket
-# around the 60th percentile holds 4-8% of the pool at 12 bits, 8-15% at 11: the candidates must
-# fit in CAPACITY_DIVISOR-th of the pool with the +-1 bucket window of a guess.
-DIGIT_BITS = 12
-BINS = 1 << DIGIT_BITS
 RANKS = 4  # x_k and x_{k+1} for each of the two thresholds
-_INF = float("inf")
+GUESS_BITS = 12  # windows are made of top-12-bit buckets of the keys (1/16 octave of scores)
+DIGIT_BITS = 8  # radix digit of the histogram passes (256 bins)
+BINS = 1 << DIGIT_BITS
+MISS_DIGITS = (8, 4)  # a miss finds the top 12 bits of each rank in two full passes
+# A module global read inside a kernel must be a constexpr for the compiler (not the interpreter).
+_INF = tl.constexpr(float("inf"))
+INF = float("inf")
 
 
 @triton.jit
@@ -77,115 +85,201 @@ def in_bounds(s, lo, hi):
 
 
 @triton.jit
-def _rank_histograms(key, valid, pool, prefixes, hist, SHIFT: tl.constexpr, DIGIT: tl.constexpr,
-                     RANKS: tl.constexpr, BINS: tl.constexpr):
-    """For each rank: histogram of the digit at SHIFT of the keys whose higher digits equal the
-    rank's prefix. Only non-empty bins are added (most blocks match no prefix at all)."""
-    digit = ((key >> SHIFT) & ((1 << DIGIT) - 1)).to(tl.int32)
-    high = key >> (SHIFT + DIGIT)
-    bins = tl.arange(0, BINS)
-    for r in tl.static_range(RANKS):
-        prefix = tl.load(prefixes + pool * RANKS + r)
-        match = valid & (high == prefix)
-        if tl.max(match.to(tl.int32), axis=0) > 0:
-            counts = tl.histogram(digit, BINS, mask=match)
-            tl.atomic_add(hist + (pool * RANKS + r) * BINS + bins, counts.to(tl.int64), mask=counts > 0)
+def block_elements(block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    """This program's block of a multi-tensor launch (tables.block_table): (block, tensor, first
+    element, element offsets, offsets inside the tensor, whether the whole block is inside).
+
+    Block starts are multiples of BLOCK; the hint lets the compiler vectorise the loads of a full
+    block (a mask against a length loaded from memory would keep them scalar)."""
+    b = tl.program_id(0)
+    t = tl.load(block_tensor + b)
+    start = tl.multiple_of(tl.load(block_start + b), BLOCK)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return b, t, start, offs, offs < n, start + BLOCK <= n
+
+
+@triton.jit
+def typed_pointer(addresses, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s pointer from an address table. ALIGNED: every address of the launch is a
+    multiple of 16 bytes (checked on the host, ``aligned_addresses``), so full blocks load 16 bytes
+    per instruction. The hint must sit on the pointer made from the integer: on the integer (or on
+    a function argument) the compiler loses it and every load stays 4 bytes wide."""
+    pointer = tl.load(addresses + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def load_block(ptr, offs, inside, full):
+    """The block's values (0 outside the tensor): unmasked, hence vectorised, when the block is full."""
+    if full:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=inside, other=0)
+    return x
+
+
+@triton.jit
+def store_block(ptr, offs, value, inside, full):
+    if full:
+        tl.store(ptr + offs, value)
+    else:
+        tl.store(ptr + offs, value, mask=inside)
+
+
+@triton.jit
+def _pool_keys(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pool_of,
+               A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, OPMATH: tl.constexpr, SECOND: tl.constexpr,
+               KEY64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's scores as integer keys (int32 for float32 scores: 64-bit integer compares and
+    sums cost two instructions each): (tensor, pool, gradients, moments (the gradients for first-order
+    scores), keys, valid)."""
+    _, t, _, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
+    pool = tl.load(pool_of + t).to(tl.int64)
+    g = load_block(typed_pointer(a_addrs, t, A_DTYPE, ALIGNED), offs, inside, full).to(OPMATH)
+    if SECOND:
+        m = load_block(typed_pointer(b_addrs, t, B_DTYPE, ALIGNED), offs, inside, full).to(OPMATH)
+    else:
+        m = g
+    s, defined = element_score(g, m, tl.load(scales + t).to(OPMATH), SECOND, OPMATH)
+    if KEY64:
+        key = s.to(tl.float64).to(tl.int64, bitcast=True)
+    else:
+        key = s.to(tl.int32, bitcast=True)
+    return t, pool, g, m, key, inside & defined
 
 
 @triton.jit
 def _compact(key, chosen, pool, counters, region, capacity, keys):
     """Appends the chosen keys to the pool's candidate region; the counter keeps counting past
-    the capacity, which is how an overflow is noticed (the pool then falls back to full passes)."""
-    count = tl.sum(chosen.to(tl.int64), axis=0)
+    the capacity, which is how an overflow is noticed (the pool then takes full passes).
+
+    Positions come from a two-level scan (rows of 8, then the row totals): compiled for sm_90 it
+    costs 0.7 warp-instructions per element against 1.6 for ``tl.cumsum`` over the whole block."""
+    count = tl.sum(chosen.to(tl.int32), axis=0)
     if count > 0:
-        base = tl.atomic_add(counters + pool, count)
-        position = base + tl.cumsum(chosen.to(tl.int64), axis=0) - 1
-        ok = chosen & (position < tl.load(capacity + pool))
-        tl.store(keys + tl.load(region + pool) + position, key, mask=ok)
+        base = tl.atomic_add(counters + pool, count.to(tl.int64))
+        rows: tl.constexpr = key.shape[0] // 8
+        picked = tl.reshape(chosen.to(tl.int32), (rows, 8))
+        per_row = tl.sum(picked, axis=1)
+        position = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(picked, axis=1) - picked
+        position = base + position.to(tl.int64)
+        ok = (picked != 0) & (position < tl.load(capacity + pool))
+        tl.store(keys + tl.load(region + pool) + position, tl.reshape(key, (rows, 8)), mask=ok)
 
 
 @triton.jit
-def _full_pass_kernel(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pooled, pool_of,
-                      route, prefixes, guesses, hist, found, counters, region, capacity, keys,
-                      A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
-                      SECOND: tl.constexpr, KEY64: tl.constexpr, FIRST: tl.constexpr, COMPACT: tl.constexpr,
-                      SHIFT: tl.constexpr, DIGIT: tl.constexpr, RANKS: tl.constexpr,
-                      BINS: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over the scores themselves (computed from the gradients and moments).
-
-    FIRST: the top-digit histogram per pool, the finiteness check of every gradient, and the
-    compaction of the keys whose top digit lies within one bucket of the previous call's answer
-    (``guesses``). Later passes run only for pools whose ``route`` is 0 (no usable candidates);
-    with COMPACT they also compact the keys that match a rank's prefix."""
-    b = tl.program_id(0)
-    t = tl.load(block_tensor + b)
-    pool = tl.load(pool_of + t).to(tl.int64)
-    if (not FIRST) and tl.load(route + pool) != 0:
-        return
-    n = tl.load(numels + t)
-    offs = tl.load(block_start + b) + tl.arange(0, BLOCK).to(tl.int64)
-    inside = offs < n
-    g = tl.load(tl.load(a_addrs + t).to(tl.pointer_type(A_DTYPE)) + offs, mask=inside, other=0.0).to(OPMATH)
-    if FIRST:
-        # The step's finiteness check rides on the first read of every gradient.
-        bad = inside & ((g != g) | (tl.abs(g) == _INF))
+def _window_pass_kernel(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pooled, pool_of,
+                        todo, windows, counts, found, counters, region, capacity, keys,
+                        A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+                        SECOND: tl.constexpr, KEY64: tl.constexpr, CHECK: tl.constexpr,
+                        RANKS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Per pool: ``counts[pool] = [n, below_0, inside_0, ..., below_3, inside_3]`` for the rank
+    windows ``windows[pool, r] = [start, end)``, and the keys inside any window compacted. CHECK:
+    also the finiteness check of every gradient (pooled or not) and of pooled moments. Pools whose ``todo`` is 0 are
+    skipped; ranks whose window equals the previous rank's are left to the host to copy."""
+    t, pool, g, m, key, valid = _pool_keys(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pool_of,
+                                        A_DTYPE, B_DTYPE, OPMATH, SECOND, KEY64, ALIGNED, BLOCK)
+    if CHECK:
+        # The step's finiteness check rides on the first read of every gradient, and of the moments
+        # that pooled second-order scores divide by (what the CPU backend checks too).
+        bad = (g != g) | (tl.abs(g) == _INF)
+        if SECOND:
+            if tl.load(pooled + t) != 0:
+                bad = bad | (m != m) | (tl.abs(m) == _INF)
         if tl.max(bad.to(tl.int32), axis=0) > 0:
             tl.atomic_max(found, 1)
-    if tl.load(pooled + t) != 0:
-        if SECOND:
-            m_ptr = tl.load(b_addrs + t).to(tl.pointer_type(B_DTYPE))
-            m = tl.load(m_ptr + offs, mask=inside, other=0.0).to(OPMATH)
-        else:
-            m = g
-        c = tl.load(scales + t).to(OPMATH)
-        s, defined = element_score(g, m, c, SECOND, OPMATH)
-        valid = inside & defined
-        if KEY64:
-            key = s.to(tl.float64).to(tl.int64, bitcast=True)
-        else:
-            key = s.to(tl.int32, bitcast=True)
-        if FIRST:
-            top = (key >> SHIFT).to(tl.int32)
-            counts = tl.histogram(top, BINS, mask=valid)
-            bins = tl.arange(0, BINS)
-            tl.atomic_add(hist + pool * BINS + bins, counts.to(tl.int64), mask=counts > 0)
-            if COMPACT:
-                chosen = tl.zeros([BLOCK], dtype=tl.int1)
-                for r in tl.static_range(RANKS):
-                    guess = tl.load(guesses + pool * RANKS + r)
-                    chosen = chosen | ((top >= guess - 1) & (top <= guess + 1))
-                _compact(key, valid & chosen, pool, counters, region, capacity, keys)
-        else:
-            _rank_histograms(key, valid, pool, prefixes, hist, SHIFT, DIGIT, RANKS, BINS)
-            if COMPACT:
-                high = key >> (SHIFT + DIGIT)
-                chosen = tl.zeros([BLOCK], dtype=tl.int1)
-                for r in tl.static_range(RANKS):
-                    chosen = chosen | (high == tl.load(prefixes + pool * RANKS + r))
-                _compact(key, valid & chosen, pool, counters, region, capacity, keys)
+    if (tl.load(pooled + t) != 0) & (tl.load(todo + pool) != 0):
+        row = counts + pool * (1 + 2 * RANKS)
+        if CHECK:
+            tl.atomic_add(row, tl.sum(valid.to(tl.int32), axis=0).to(tl.int64))
+        chosen = tl.zeros(key.shape, dtype=tl.int1)
+        previous_start = tl.full((), -1, key.dtype)
+        previous_end = tl.full((), -1, key.dtype)
+        for r in tl.static_range(RANKS):
+            # Windows fit the key type (the host clamps them): compare in it.
+            start = tl.load(windows + (pool * RANKS + r) * 2).to(key.dtype)
+            end = tl.load(windows + (pool * RANKS + r) * 2 + 1).to(key.dtype)
+            if (start != previous_start) | (end != previous_end):
+                below = tl.sum((valid & (key < start)).to(tl.int32), axis=0)
+                within = valid & (key >= start) & (key < end)
+                tl.atomic_add(row + 1 + 2 * r, below.to(tl.int64))
+                tl.atomic_add(row + 2 + 2 * r, tl.sum(within.to(tl.int32), axis=0).to(tl.int64))
+                chosen = chosen | within
+            previous_start = start
+            previous_end = end
+        _compact(key, chosen, pool, counters, region, capacity, keys)
 
 
 @triton.jit
-def _candidate_pass_kernel(chunk_pool, chunk_start, route, prefixes, hist, counters, region, capacity, keys,
-                           SHIFT: tl.constexpr, DIGIT: tl.constexpr, RANKS: tl.constexpr,
-                           BINS: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over a pool's compacted candidate keys (pools whose ``route`` is 1)."""
+def _rank_histograms(key, valid, pool, table, hist, shift, digit, RANKS: tl.constexpr, BINS: tl.constexpr):
+    """For each rank: the histogram of the digit at ``shift`` of ``key - start`` over the keys of
+    its window ``table[pool, r] = [start, end, prefix]`` whose higher digits equal the prefix.
+    Only non-empty bins are added (most blocks match no prefix at all); a rank whose row equals the
+    previous rank's is skipped (the host copies the previous histogram)."""
+    bins = tl.arange(0, BINS)
+    previous_start = tl.full((), -1, key.dtype)
+    previous_end = tl.full((), -1, key.dtype)
+    previous_prefix = tl.full((), -1, key.dtype)
+    for r in tl.static_range(RANKS):
+        row = table + (pool * RANKS + r) * 3
+        start = tl.load(row).to(key.dtype)
+        end = tl.load(row + 1).to(key.dtype)
+        prefix = tl.load(row + 2).to(key.dtype)
+        if (start != previous_start) | (end != previous_end) | (prefix != previous_prefix):
+            offset = key - start
+            match = valid & (key >= start) & (key < end) & ((offset >> (shift + digit)) == prefix)
+            if tl.max(match.to(tl.int32), axis=0) > 0:
+                counts = tl.histogram(((offset >> shift) & ((1 << digit) - 1)).to(tl.int32), BINS, mask=match)
+                tl.atomic_add(hist + (pool * RANKS + r) * BINS + bins, counts.to(tl.int64), mask=counts > 0)
+        previous_start = start
+        previous_end = end
+        previous_prefix = prefix
+
+
+@triton.jit(do_not_specialize=["shift", "digit"])
+def _digit_pass_kernel(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pooled, pool_of,
+                       todo, table, hist, shift, digit,
+                       A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, OPMATH: tl.constexpr,
+                       SECOND: tl.constexpr, KEY64: tl.constexpr, RANKS: tl.constexpr,
+                       BINS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix digit over the scores themselves (computed from g and m), for pools whose
+    ``todo`` is set (misses, and overflowed candidate regions)."""
+    b = tl.program_id(0)
+    t = tl.load(block_tensor + b)
+    if (tl.load(todo + tl.load(pool_of + t)) != 0) & (tl.load(pooled + t) != 0):
+        _, pool, _, _, key, valid = _pool_keys(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pool_of,
+                                            A_DTYPE, B_DTYPE, OPMATH, SECOND, KEY64, ALIGNED, BLOCK)
+        _rank_histograms(key, valid, pool, table, hist, shift, digit, RANKS, BINS)
+
+
+@triton.jit(do_not_specialize=["shift", "digit"])
+def _candidate_pass_kernel(chunk_pool, chunk_start, todo, table, hist, counters, region, capacity, keys,
+                           shift, digit, RANKS: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix digit over a pool's compacted candidate keys (pools whose ``todo`` is set)."""
     c = tl.program_id(0)
     pool = tl.load(chunk_pool + c).to(tl.int64)
-    if tl.load(route + pool) == 0:
-        return
-    count = tl.minimum(tl.load(counters + pool), tl.load(capacity + pool))
-    offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < count
-    key = tl.load(keys + tl.load(region + pool) + offs, mask=valid, other=0)
-    _rank_histograms(key, valid, pool, prefixes, hist, SHIFT, DIGIT, RANKS, BINS)
+    if tl.load(todo + pool) != 0:
+        count = tl.minimum(tl.load(counters + pool), tl.load(capacity + pool))
+        offs = tl.load(chunk_start + c) + tl.arange(0, BLOCK).to(tl.int64)
+        valid = offs < count
+        key = tl.load(keys + tl.load(region + pool) + offs, mask=valid, other=0)
+        _rank_histograms(key, valid, pool, table, hist, shift, digit, RANKS, BINS)
 
 
-def digit_plan(key_bits: int) -> list[tuple[int, int]]:
+def aligned_addresses(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether every tensor starts on a 16-byte boundary (what ``typed_pointer``'s ALIGNED promises).
+    Fresh allocations do; a view into a flat buffer may not, and then its launch loads element-wise."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def digit_plan(key_bits: int, digit_bits: int = DIGIT_BITS) -> list[tuple[int, int]]:
     """(shift, bits) of each pass, most significant digit first."""
     plan, remaining = [], key_bits
     while remaining > 0:
-        bits = min(DIGIT_BITS, remaining)
+        bits = min(digit_bits, remaining)
         remaining -= bits
         plan.append((remaining, bits))
     return plan
@@ -208,7 +302,7 @@ def _ranks(n: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def in_interval(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """``reference.in_interval`` with device thresholds: inclusive; +inf only when ``lo`` is +inf."""
-    return (scores >= lo) & (scores <= hi) & ((lo == _INF) | torch.isfinite(scores))
+    return (scores >= lo) & (scores <= hi) & ((lo == INF) | torch.isfinite(scores))
 
 
 def small_pool_quantiles(scores: torch.Tensor, defined: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
@@ -222,16 +316,34 @@ def small_pool_quantiles(scores: torch.Tensor, defined: torch.Tensor, q_lo: floa
     return torch.cat(out)
 
 
-# Candidate regions hold up to 1/4 of a pool's scores (int32 keys: 1 byte per score of memory).
-# The boundary buckets of a quantile at 11-bit resolution hold a few percent of a smooth pool;
-# more (heavy ties) overflows into full passes, which is slower but just as exact.
+# Candidate regions hold up to 1/4 of a pool's scores (1 byte per float32 score of memory). A window
+# of three 1/16-octave buckets holds a few percent of a smooth pool per rank; more (heavy ties)
+# overflows into full passes, which is slower but just as exact.
 CAPACITY_DIVISOR = 4
-NO_GUESS = -8  # a top bucket no score has: the first call compacts nothing in pass 0
+NO_GUESS = -8  # a top bucket no score has: its window is empty, so the first call misses
 
 
 def new_guesses(pools: int, device: torch.device) -> torch.Tensor:
     """The per-pool state that lets the next call find its candidates in its first pass."""
     return torch.full((pools, RANKS), NO_GUESS, dtype=torch.int64, device=device)
+
+
+def _windows(buckets: torch.Tensor, shift: int, key_max: int) -> torch.Tensor:
+    """int64 ``[pools, RANKS, 2]``: keys ``[start, end)`` of the buckets ``b - 1 .. b + 1`` (empty
+    for a negative bucket), ends capped at ``key_max`` (the kernels compare in the key type; only
+    NaN patterns lie above it)."""
+    start = (buckets - 1).clamp(min=0) << shift
+    end = torch.where(buckets < 0, start, ((buckets + 2) << shift).clamp(max=key_max))
+    return torch.stack([start, end], dim=-1)
+
+
+def _copy_repeated(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The kernels skip a rank whose row (window, prefix) equals the previous rank's: copy its result."""
+    same = (rows[:, 1:] == rows[:, :-1]).flatten(2).all(dim=2)
+    parts = [values[:, 0]]
+    for r in range(1, values.shape[1]):
+        parts.append(torch.where(same[:, r - 1].reshape((-1,) + (1,) * (values.dim() - 2)), parts[-1], values[:, r]))
+    return torch.stack(parts, dim=1)
 
 
 def _pick_buckets(hist: torch.Tensor, remaining: torch.Tensor, bits: int):
@@ -259,9 +371,9 @@ def element_thresholds(
     non-finite values. Returns float64 ``[pools, 5]``: lower, upper, pool size, non-finite flag, and
     how many passes read the pool's scores from the gradients (the rest read its candidates).
 
-    ``guesses`` (from :func:`new_guesses`, updated in place) carries each pool's top-digit buckets
+    ``guesses`` (from :func:`new_guesses`, updated in place) carries each pool's top-12-bit buckets
     to the next call: when they still hold the answer, which is the rule from one optimizer step
-    to the next, the pool is read once instead of twice. Results never depend on it."""
+    to the next, the pool is read once instead of four times. Results never depend on it."""
     device = a[0].device
     n_tensors = len(a)
     second = len(b) > 0
@@ -273,13 +385,12 @@ def element_thresholds(
     if guesses is not None and (guesses.shape != (pools, RANKS) or guesses.dtype != torch.int64):
         raise ValueError(f"element_thresholds: guesses must be int64 of shape ({pools}, {RANKS})")
     key64 = any(t.dtype == torch.float64 for t in a)
-    plan = digit_plan(63 if key64 else 31)
+    key_bits = 63 if key64 else 31
+    bucket_shift = key_bits - GUESS_BITS
+    offset_plan = digit_plan(bucket_shift + 2)  # a window spans 3 buckets: offsets < 3 << bucket_shift
     scales = scales.to(torch.float64).contiguous()
     pooled = pooled.to(torch.int32).contiguous()
     found = torch.zeros(1, dtype=torch.int32, device=device)
-    prefixes = torch.zeros((pools, RANKS), dtype=torch.int64, device=device)
-    use_guesses = guesses is not None
-    guess_table = guesses if use_guesses else prefixes
 
     # Candidate regions, one per pool, and the chunks the candidate passes run over.
     sizes = [sum(t.numel() for t in a)] if global_pool else [t.numel() for t in a]
@@ -297,77 +408,91 @@ def element_thresholds(
         group_a = [a[i] for i in index]
         group_b = [b[i] for i in index] if second else group_a
         numels = tuple(t.numel() for t in group_a)
-        blocks = tables.block_table(numels, tables.block_size("select", sum(numels)), device)
+        blocks = tables.block_table(numels, tables.block_size("select", sum(numels), dtype), device)
         whole = len(index) == n_tensors
         select = None if whole else tables.constant(tuple(index), torch.int64, device)
-        launches.append(dict(
-            blocks=blocks,
-            numels=tables.constant(numels, torch.int64, device),
-            a_addrs=tables.addresses(group_a, device=device)[0],
-            b_addrs=tables.addresses(group_b, device=device)[0],
-            scales=scales if whole else scales[select],
-            pooled=pooled if whole else pooled[select],
-            pool_of=tables.constant(tuple(0 if global_pool else i for i in index), torch.int32, device),
-            A_DTYPE=tables.TL_DTYPES[dtype],
-            B_DTYPE=tables.TL_DTYPES[group_b[0].dtype],
-            OPMATH=tables.TL_DTYPES[tables.opmath(dtype)],
-        ))
+        aligned = aligned_addresses(group_a) and (not second or aligned_addresses(group_b))
+        if blocks.num_blocks:
+            launches.append(dict(
+                grid=(blocks.num_blocks,),
+                args=(blocks.block_tensor, blocks.block_start, tables.constant(numels, torch.int64, device),
+                      tables.addresses(group_a, device=device)[0], tables.addresses(group_b, device=device)[0],
+                      scales if whole else scales[select], pooled if whole else pooled[select],
+                      tables.constant(tuple(0 if global_pool else i for i in index), torch.int32, device)),
+                constants=dict(A_DTYPE=tables.TL_DTYPES[dtype], B_DTYPE=tables.TL_DTYPES[group_b[0].dtype],
+                               OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], SECOND=second, KEY64=key64,
+                               RANKS=RANKS, ALIGNED=aligned, BLOCK=blocks.block,
+                               num_warps=tables.warps("select")),
+            ))
 
-    def full_pass(hist, route, first, compact, shift, bits, ranks):
+    def window_pass(todo, windows, check):
+        counts = torch.zeros((pools, 1 + 2 * RANKS), dtype=torch.int64, device=device)
         for launch in launches:
-            blocks = launch["blocks"]
-            if blocks.num_blocks:
-                _full_pass_kernel[(blocks.num_blocks,)](
-                    blocks.block_tensor, blocks.block_start, launch["numels"], launch["a_addrs"],
-                    launch["b_addrs"], launch["scales"], launch["pooled"], launch["pool_of"], route, prefixes,
-                    guess_table, hist, found, counters, region, capacity, keys,
-                    A_DTYPE=launch["A_DTYPE"], B_DTYPE=launch["B_DTYPE"], OPMATH=launch["OPMATH"],
-                    SECOND=second, KEY64=key64, FIRST=first, COMPACT=compact, SHIFT=shift, DIGIT=bits,
-                    RANKS=ranks, BINS=BINS, BLOCK=blocks.block,
-                )
+            _window_pass_kernel[launch["grid"]](*launch["args"], todo, windows, counts, found, counters, region,
+                                                capacity, keys, CHECK=check, **launch["constants"])
+        counts = counts.clone()
+        counts[:, 1:] = _copy_repeated(counts[:, 1:].reshape(pools, RANKS, 2), windows).reshape(pools, -1)
+        return counts
 
-    def candidate_pass(hist, route, shift, bits):
-        _candidate_pass_kernel[(chunks.num_blocks,)](
-            chunks.block_tensor, chunks.block_start, route, prefixes, hist, counters, region, capacity, keys,
-            SHIFT=shift, DIGIT=bits, RANKS=RANKS, BINS=BINS, BLOCK=chunk,
-        )
+    def digit_pass(full, candidates, table, shift, bits):
+        hist = torch.zeros((pools, RANKS, BINS), dtype=torch.int64, device=device)
+        for launch in launches:
+            _digit_pass_kernel[launch["grid"]](*launch["args"], full, table, hist, shift, bits, BINS=BINS,
+                                               **launch["constants"])
+        if candidates is not None:
+            _candidate_pass_kernel[(chunks.num_blocks,)](
+                chunks.block_tensor, chunks.block_start, candidates, table, hist, counters, region, capacity, keys,
+                shift, bits, RANKS=RANKS, BINS=BINS, BLOCK=chunk, num_warps=tables.warps("select"),
+            )
+        return _copy_repeated(hist, table)
 
-    # Pass 0: every score once; the top digit's histogram gives the pool sizes and the ranks.
-    shift, bits = plan[0]
-    hist = torch.zeros((pools, 1, BINS), dtype=torch.int64, device=device)
-    everywhere = torch.zeros(pools, dtype=torch.int32, device=device)
-    full_pass(hist, everywhere, True, use_guesses, shift, bits, RANKS)
-    n = hist.sum(dim=(1, 2))
+    # The window pass around the guesses: n, the finiteness check, and (on a hit) the candidates.
+    guessed = guesses if guesses is not None else new_guesses(pools, device)
+    everyone = torch.ones(pools, dtype=torch.int32, device=device)
+    key_max = (1 << key_bits) - 1
+    windows = _windows(guessed, bucket_shift, key_max)
+    counts = window_pass(everyone, windows, True)
+    n = counts[:, 0]
     r_lo, k_lo, k1_lo = _ranks(n, q_lo)
     r_hi, k_hi, k1_hi = _ranks(n, q_hi)
-    prefixes, remaining = _pick_buckets(hist.expand(pools, RANKS, BINS),
-                                        torch.stack([k_lo, k1_lo, k_hi, k1_hi], dim=1), bits)
-    top = prefixes
-    if use_guesses:
-        near = (top[:, :, None] - guesses[:, None, :]).abs() <= 1
-        hit = near.any(dim=2).all(dim=1) & (counters <= capacity)
-        counters.mul_(hit)  # misses compact again in pass 1
-        route = hit.to(torch.int32)
-        guesses.copy_(top)
-    else:
-        route = everywhere
-    full_reads = 2 - route.to(torch.float64)
+    ranks = torch.stack([k_lo, k1_lo, k_hi, k1_hi], dim=1)
+    below, inside = counts[:, 1::2], counts[:, 2::2]
+    hit = (((ranks >= below) & (ranks < below + inside)).all(dim=1) & (counters <= capacity)) | (n == 0)
+    miss = (~hit).to(torch.int32)
+    counters.mul_(hit)  # misses compact again below
 
-    # Later passes: candidates where they are complete, the full data (compacting in pass 1) elsewhere.
-    for pass_index, (shift, bits) in enumerate(plan[1:], start=1):
-        hist = torch.zeros((pools, RANKS, BINS), dtype=torch.int64, device=device)
-        candidate_pass(hist, route, shift, bits)
-        full_pass(hist, route, False, pass_index == 1, shift, bits, RANKS)
-        if pass_index == 1:
-            route = (counters <= capacity).to(torch.int32)
-            full_reads = full_reads + (1 - route.to(torch.float64)) * (len(plan) - 2)
-        bucket, remaining = _pick_buckets(hist, remaining, bits)
-        prefixes = (prefixes << bits) | bucket
+    # A miss: the exact top-12-bit bucket of each rank (two digit passes), then a window pass around it.
+    everything = tables.constant((0, key_max, 0), torch.int64, device)
+    table = everything.expand(pools, RANKS, 3).contiguous()
+    remaining, bucket, shift = ranks, torch.zeros_like(ranks), key_bits
+    for bits in MISS_DIGITS:
+        shift -= bits
+        digit, remaining = _pick_buckets(digit_pass(miss, None, table, shift, bits), remaining, bits)
+        bucket = (bucket << bits) | digit
+        table = torch.cat([table[..., :2], bucket[..., None]], dim=-1).contiguous()
+    exact_windows = _windows(bucket, bucket_shift, key_max)
+    exact_counts = window_pass(miss, exact_windows, False)
+    windows = torch.where(hit[:, None, None], windows, exact_windows)
+    below = torch.where(hit[:, None], below, exact_counts[:, 1::2])
+
+    # Each rank inside its window: candidates where the region held them all, full passes elsewhere.
+    fits = counters <= capacity
+    candidates, overflow = fits.to(torch.int32), (~fits).to(torch.int32)
+    remaining = ranks - below
+    prefix = torch.zeros_like(ranks)
+    for shift, bits in offset_plan:
+        table = torch.cat([windows, prefix[..., None]], dim=-1).contiguous()
+        digit, remaining = _pick_buckets(digit_pass(overflow, candidates, table, shift, bits), remaining, bits)
+        prefix = (prefix << bits) | digit
+    final = windows[..., 0] + prefix
+    if guesses is not None:
+        guesses.copy_(torch.where(n[:, None] > 0, final >> bucket_shift, guesses))
+    full_reads = 1 + 3 * miss.to(torch.float64) + len(offset_plan) * overflow.to(torch.float64)
 
     if key64:
-        values = prefixes.view(torch.float64)
+        values = final.view(torch.float64)
     else:
-        values = prefixes.to(torch.int32).view(torch.float32).to(torch.float64)
+        values = final.to(torch.int32).view(torch.float32).to(torch.float64)
     r = torch.stack([r_lo, r_hi], dim=1)
     k = torch.stack([k_lo, k_hi], dim=1)
     bounds = interpolate(values[:, 0::2], values[:, 1::2], r, k, n[:, None])

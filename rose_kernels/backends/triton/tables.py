@@ -11,12 +11,20 @@ copies nothing to the device.
 Nothing here reads device memory: building a table is host work plus one non-blocking copy from
 pinned memory. During CUDA-graph capture a missing table is an error (a host-to-device copy
 captured into a graph would replay from a host buffer that is gone by then).
+
+A captured graph replays raw device pointers, but the caches here evict (and so free) their
+tables. Inside :func:`keep_alive`, every table handed out while a graph is being captured is also
+appended to the caller's list (the optimizer's), which then owns it for as long as the graph may
+be replayed.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -60,11 +68,52 @@ _addresses = _LRU()
 _constants = _LRU()
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work issued for ``device`` now is being captured into a CUDA graph (the one place
+    that decides it; tests patch it to exercise the capture paths on the CPU)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# The active keep-alive list and the ids already in it, or None outside a capture.
+_sink: ContextVar[tuple[list, set[int]] | None] = ContextVar("rose_kernels_keep_alive", default=None)
+
+
+@contextmanager
+def keep_alive(sink: list | None, device: torch.device) -> Iterator[None]:
+    """While a graph is captured on ``device``: every tensor handed out here (and passed to
+    :func:`hold`) is appended to ``sink`` once. Outside a capture nothing is recorded."""
+    active = (sink, {id(t) for t in sink}) if sink is not None and capturing(device) else None
+    token = _sink.set(active)
+    try:
+        yield
+    finally:
+        _sink.reset(token)
+
+
+def hold(*tensors) -> None:
+    """Inside a capturing :func:`keep_alive`: the tensors (None, lists and block tables allowed) are
+    owned by its list from now on. A no-op otherwise."""
+    active = _sink.get()
+    if active is None:
+        return
+    sink, seen = active
+    stack = list(tensors)
+    while stack:
+        t = stack.pop()
+        if isinstance(t, (list, tuple)):
+            stack.extend(t)
+        elif isinstance(t, BlockTable):
+            stack.extend((t.block_tensor, t.block_start, t.first_block))
+        elif isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            sink.append(t)
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor, without a host synchronisation."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(device):
         raise RuntimeError(
             "rose_kernels (triton): a launch table is missing while a CUDA graph is being captured; "
             "run at least one eager step with the same tensors and hyper-parameters before capturing"
@@ -95,6 +144,7 @@ def block_table(numels: tuple[int, ...], block: int, device: torch.device, *, em
     key = (device, numels, block, empty_gets_block)
     cached = _blocks.lookup(key)
     if cached is not None:
+        hold(cached)
         return cached
     tensor_of, starts, first = [], [], [0]
     for t, n in enumerate(numels):
@@ -110,6 +160,7 @@ def block_table(numels: tuple[int, ...], block: int, device: torch.device, *, em
         first_block=to_device(first, torch.int64, device),
         most_blocks=max((b - a for a, b in zip(first, first[1:], strict=False)), default=0),
     )
+    hold(table)
     return _blocks.store(key, table)
 
 
@@ -118,30 +169,48 @@ def addresses(*roles: list[torch.Tensor | None], device: torch.device) -> torch.
     pointers = tuple(tuple(0 if t is None else t.data_ptr() for t in role) for role in roles)
     key = (device, pointers)
     cached = _addresses.lookup(key)
-    if cached is not None:
-        return cached
-    return _addresses.store(key, to_device([list(p) for p in pointers], torch.int64, device))
+    if cached is None:
+        cached = _addresses.store(key, to_device([list(p) for p in pointers], torch.int64, device))
+    hold(cached)
+    return cached
+
+
+# The NaN to put in constant() values. NaN != NaN, so a key holding a fresh float("nan") never
+# matches its cache entry (a new entry and a host-to-device copy every call); this one object does.
+NAN = float("nan")
 
 
 def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A cached device tensor of host values that rarely change (hyper-parameters, flags)."""
+    """A cached device tensor of host values that rarely change (hyper-parameters, flags); NaNs
+    must be :data:`NAN`."""
     key = (device, dtype, values)
     cached = _constants.lookup(key)
-    if cached is not None:
-        return cached
-    return _constants.store(key, to_device(list(values), dtype, device))
+    if cached is None:
+        cached = _constants.store(key, to_device(list(values), dtype, device))
+    hold(cached)
+    return cached
 
 
-# Elements per program. On the GPU: measured reasons go in bench/results; these are the starting
-# points of a memory-bound multi-tensor kernel (4-16 KB per operand per program). Interpreted, every
-# program costs ~1 ms of Python, so large pools get large blocks.
-_GPU_BLOCKS = {"reduce": 8192, "select": 8192, "update": 4096}
+# Elements and warps per program on the GPU. 8 warps of 8 elements per thread (2048-element
+# blocks; 4096 for the plain sums) compile without a spill for every variant, float64 included
+# (bench/results/triton-aot-*.md); the first choice, 8192/4096 elements on 4 warps (32-64 per
+# thread), spilled up to 4.8 KB per thread in the float64 update and the element SELECT.
+# Interpreted, every program costs ~1 ms of Python, so large pools get large blocks.
+_GPU_BLOCKS = {"reduce": 4096, "select": 2048, "update": 2048}
+_GPU_WARPS = {"reduce": 8, "select": 8, "update": 8}
 
 
-def block_size(kind: str, total_elements: int) -> int:
+def block_size(kind: str, total_elements: int, dtype: torch.dtype | None = None) -> int:
     if interpreting() and not COMPILE_ONLY:
         return 1024 if total_elements <= (1 << 21) else 1 << 16
+    if kind == "select" and dtype == torch.float64:
+        return _GPU_BLOCKS[kind] // 2  # float64 scores, keys and the moments' check: 2048 spilled 4 B
     return _GPU_BLOCKS[kind]
+
+
+def warps(kind: str) -> int:
+    """``num_warps`` of a launch of this kind (the interpreter ignores it)."""
+    return _GPU_WARPS[kind]
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,

@@ -16,7 +16,17 @@ import triton.language as tl
 
 from rose_kernels.backends.triton import tables
 from rose_kernels.backends.triton.score import segment_sum
-from rose_kernels.backends.triton.select import element_score, in_bounds, precise_div, precise_sqrt
+from rose_kernels.backends.triton.select import (
+    aligned_addresses,
+    block_elements,
+    element_score,
+    in_bounds,
+    load_block,
+    precise_div,
+    precise_sqrt,
+    store_block,
+    typed_pointer,
+)
 
 # Columns of the per-tensor hyper-parameter table (float64 [n, len(HYPER_COLUMNS)]).
 HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "correct_bias", "warmup_steps",
@@ -31,13 +41,13 @@ _H = len(HYPER_COLUMNS)
 def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_addrs, v_addrs, bit_addrs,
                          step_addrs, steps, step_sizes, hyper, masks, found, partials,
                          P_DTYPE: tl.constexpr, OPMATH: tl.constexpr, ELEMENT: tl.constexpr,
-                         H: tl.constexpr, BLOCK: tl.constexpr):
-    b, t, start, offs, inside = tables.block_elements(block_tensor, block_start, numels, BLOCK)
-    m_ptr = tl.load(m_addrs + t).to(tl.pointer_type(OPMATH))
+                         H: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    b, t, start, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
+    m_ptr = typed_pointer(m_addrs, t, OPMATH, ALIGNED)
     if tl.load(found) != 0:
         # Skipped: nothing is written; report NaN kept and the unchanged ||m||^2 (the next step's
         # tensor score reads it from the optimizer's cache).
-        m_old = tl.load(m_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        m_old = load_block(m_ptr, offs, inside, full).to(tl.float64)
         tl.store(partials + 2 * b, float("nan"))
         tl.store(partials + 2 * b + 1, tl.sum(m_old * m_old, axis=0))
         return
@@ -64,13 +74,13 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
         # The counter moves once per tensor; every program read the snapshot ``steps``.
         tl.store(tl.load(step_addrs + t).to(tl.pointer_type(tl.float32)), step.to(tl.float32))
 
-    p_ptr = tl.load(p_addrs + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(g_addrs + t).to(tl.pointer_type(P_DTYPE))
-    v_ptr = tl.load(v_addrs + t).to(tl.pointer_type(OPMATH))
-    p = tl.load(p_ptr + offs, mask=inside, other=0.0).to(OPMATH)
-    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(OPMATH)
-    m = tl.load(m_ptr + offs, mask=inside, other=0.0)
-    v = tl.load(v_ptr + offs, mask=inside, other=0.0)
+    p_ptr = typed_pointer(p_addrs, t, P_DTYPE, ALIGNED)
+    g_ptr = typed_pointer(g_addrs, t, P_DTYPE, ALIGNED)
+    v_ptr = typed_pointer(v_addrs, t, OPMATH, ALIGNED)
+    p = load_block(p_ptr, offs, inside, full).to(OPMATH)
+    g = load_block(g_ptr, offs, inside, full).to(OPMATH)
+    m = load_block(m_ptr, offs, inside, full)
+    v = load_block(v_ptr, offs, inside, full)
 
     if ELEMENT:
         bits_address = tl.load(bit_addrs + t)
@@ -99,9 +109,9 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
     frozen = mu == 0.0
     m_out = tl.where(frozen, m, m_new)
     p_out = tl.where(frozen, p, p_new)
-    tl.store(m_ptr + offs, m_out, mask=inside)
-    tl.store(v_ptr + offs, v_new, mask=inside)
-    tl.store(p_ptr + offs, p_out.to(P_DTYPE), mask=inside)
+    store_block(m_ptr, offs, m_out, inside, full)
+    store_block(v_ptr, offs, v_new, inside, full)
+    store_block(p_ptr, offs, p_out.to(P_DTYPE), inside, full)
 
     m_wide = tl.where(inside, m_out, 0.0).to(tl.float64)
     tl.store(partials + 2 * b, tl.sum(tl.where(inside, mu, 0.0).to(tl.float64), axis=0))
@@ -155,6 +165,8 @@ def masked_adamw_(
             [first_masks[i] for i in index], [state_steps[i] for i in index], device=device,
         )
         partials = torch.empty((blocks.num_blocks, 2), dtype=torch.float64, device=device)
+        aligned = all(aligned_addresses([role[i] for i in index])
+                      for role in (params, grads, exp_avgs, exp_avg_sqs))
         _masked_adamw_kernel[(blocks.num_blocks,)](
             blocks.block_tensor, blocks.block_start, tables.constant(numels, torch.int64, device),
             roles[0], roles[1], roles[2], roles[3], roles[4], roles[5],
@@ -162,7 +174,7 @@ def masked_adamw_(
             hyper if whole else hyper[select], masks if whole else masks[select],
             found, partials,
             P_DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], ELEMENT=element,
-            H=_H, BLOCK=blocks.block,
+            H=_H, ALIGNED=aligned, BLOCK=blocks.block, num_warps=tables.warps("update"),
         )
         tables.put(out, index, segment_sum(partials, blocks, len(group)))
     return out

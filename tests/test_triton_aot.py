@@ -1,0 +1,67 @@
+"""Every Triton kernel variant the backend launches compiles for the GPU targets, without a GPU.
+
+The interpreted tests (test_triton.py, conftest.py sets TRITON_INTERPRET=1 without a GPU) run the
+kernels as Python, which accepts code the compiler rejects. Here `rose_kernels.backends.triton.aot`
+drives real optimizer steps (every mode, granularity, scope, dtype, aligned or not, float or tensor
+lr) in a fresh process where each launch is compiled for cuda:80 and cuda:90 by Triton's own
+LLVM and ptxas instead of run; a variant that does not compile, spills registers, uses local memory
+or more shared memory than an sm_80 block may, fails. The variants the interpreted tests of this
+session launched (recorded by conftest.py; this file runs after test_triton.py) must all be among
+the compiled ones, so a kernel variant cannot be tested interpreted and never compiled.
+
+Oldest Triton this holds for: 3.4 (the `mask=` argument of `tl.histogram` and the compile of every
+variant; checked with `pip install triton==3.4.0` and this test); pyproject.toml's floor says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import INTERPRETED_LAUNCHES
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "rose_kernels.backends.triton.aot", "--json", str(out)],
+                         env=env, capture_output=True, text=True, timeout=1800)
+    assert out.exists(), f"the compile run crashed (exit {run.returncode}):\n{run.stderr[-6000:]}"
+    report = json.loads(out.read_text())
+    report["stderr"] = run.stderr
+    return report
+
+
+def test_every_launched_variant_compiles_for_sm80_and_sm90_without_spills(compiled):
+    variants = compiled["variants"]
+    assert {v["arch"] for v in variants} == {80, 90}
+    kernels = {v["kernel"] for v in variants}
+    assert {"_masked_adamw_kernel", "_window_pass_kernel", "_digit_pass_kernel", "_candidate_pass_kernel",
+            "_block_sumsq_kernel", "_first_order_bits_kernel", "segment_sum_kernel"} <= kernels, kernels
+    assert compiled["problems"] == [], "\n".join(compiled["problems"])
+    for v in variants:
+        assert v["ok"] and v["registers"] > 0 and v["sass"] > 0, v
+
+
+def test_full_blocks_load_16_bytes_at_a_time(compiled):
+    """Aligned launches of the streaming kernels vectorise (the address-table pointers carry the hint)."""
+    for v in compiled["variants"]:
+        if "ALIGNED=True" in v["key"] and v["kernel"] != "segment_sum_kernel":
+            wide = v["loads"]["v4"] + v["loads"]["v2"]
+            assert wide > 0, f"cuda:{v['arch']} {v['key']}: no 16-byte loads ({v['loads']})"
+
+
+def test_every_interpreted_launch_was_compiled(compiled):
+    if not INTERPRETED_LAUNCHES:
+        pytest.skip("no interpreted launch recorded: run together with tests/test_triton.py (make test does)")
+    keys = {(v["arch"], v["key"]) for v in compiled["variants"]}
+    for arch in (80, 90):
+        missing = sorted(k for k in INTERPRETED_LAUNCHES if (arch, k) not in keys)
+        assert not missing, f"launched by the interpreted tests but never compiled for cuda:{arch}:\n" + \
+            "\n".join(missing)
