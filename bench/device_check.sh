@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, in one go, for a machine that already has torch, Triton and pytest (no installs):
-#   1. the GPU tests of the Triton backend (tests/test_triton.py on CUDA: exactness against the
-#      reference, CUDA-graph replay, no host sync in step());
+# The GPU check, in one go, for a machine that already has torch, Triton and pytest (it downloads
+# nothing):
+#   0. installs the package in place, without its C++ extension (seconds; the GPU path is Triton);
+#   1. the GPU tests of the Triton backend (tests/test_triton.py and tests/test_triton_host.py on
+#      CUDA: exactness against the reference, CUDA-graph replay also after the launch-table caches
+#      were emptied, no host sync in step(), device skips reported);
 #   2. bench/bench_gpu.py: step time vs torch.optim.AdamW(fused=True) on BERT-large and a 1.3B
 #      layout, and SELECT on 1e9 scores against one read.
 # Writes env.txt, tests.txt, bench.txt, gpu-step.md/.json and summary.md to $OUT
@@ -23,8 +26,11 @@ unset TRITON_INTERPRET
   echo "git ${ROSE_GIT_REV:-unknown}"
 } 2>&1 | tee "$OUT/env.txt"
 
+ROSE_KERNELS_NO_EXTENSION=1 python -m pip install -q --no-build-isolation --no-deps --no-index -e . \
+  > "$OUT/install.txt" 2>&1 || echo "install failed (see install.txt); running from the source tree" | tee -a "$OUT/env.txt"
+
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-260}" python -m pytest -q -p no:cacheprovider tests/test_triton.py -x \
+timeout "${TEST_TIMEOUT:-260}" python -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_host.py -x \
   --durations=5 2>&1 | tee "$OUT/tests.txt" | tail -25
 test_rc=${PIPESTATUS[0]}
 echo "tests: exit $test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.txt"

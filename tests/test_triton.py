@@ -53,7 +53,10 @@ ELIGIBLE = [(1,), (BLOCK - 1,), (BLOCK + 1,), (37, 61), (9,), (0,)]
 OTHER = [(3,), (BLOCK + 500,)]
 DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")
+# The interpreter runs the kernels' float math in numpy, which warns where the GPU quietly makes
+# inf/NaN (scores of zero moments, the x * 0 finiteness probe).
+pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:.*encountered in multiply:RuntimeWarning")]
 
 
 def _groups(eligible=ELIGIBLE, other=OTHER):
@@ -199,7 +202,9 @@ def test_skipped_step_keeps_the_last_kept_fractions(seed):
             params[0].grad[0] = math.nan
         stats = opt.mask_stats()
         opt.step()
-    assert opt.mask_stats() == stats and opt.skipped_steps == 1, (seed, stats, opt.mask_stats())
+    with pytest.warns(RuntimeWarning, match="1 step was skipped on the device"):
+        after = opt.mask_stats()
+    assert after == stats and opt.skipped_steps == 1, (seed, stats, after)
 
 
 def test_checkpoint_moves_between_triton_and_torch_adamw(seed):
@@ -627,6 +632,12 @@ def test_cuda_graph_replay_matches_eager(seed, mode, granularity):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
+    # The launch tables the graph reads must outlive the caches: empty them, and hand their memory
+    # to other tensors (filled with garbage) before replaying.
+    for cache in (tables._blocks, tables._addresses, tables._constants):
+        cache.clear()
+    torch.cuda.empty_cache()
+    junk = [torch.full((1 << 16,), -7, dtype=torch.int64, device="cuda") for _ in range(64)]
     for t in range(1, 5):
         for buf, g in zip(static_grads, grads[t], strict=True):
             buf.copy_(g)
@@ -634,6 +645,7 @@ def test_cuda_graph_replay_matches_eager(seed, mode, granularity):
             buf.copy_(k)
         graph.replay()
     torch.cuda.synchronize()
+    del junk
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=lambda m: f"seed={seed}: {m}")
     assert float(opt_g.state[graphed[0]]["step"]) == 5.0

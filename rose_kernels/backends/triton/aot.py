@@ -121,7 +121,10 @@ def compile_only(arch: int, compiled: dict):
     if tables.interpreting():
         raise RuntimeError("aot.compile_only needs TRITON_INTERPRET unset before Triton is imported")
     original_run = JITFunction.run
-    previous_driver = driver._active  # no public getter that works without a GPU
+    # No public getter works without a GPU (it would create the CUDA driver); the attribute is
+    # ``_active`` from Triton 3.5, ``active`` before.
+    slot = "_active" if hasattr(driver, "_active") else "active"
+    previous_driver = getattr(driver, slot)
 
     def run(self, *args, grid, warmup, **kwargs):
         key = variant_key(self, args, kwargs)
@@ -130,7 +133,8 @@ def compile_only(arch: int, compiled: dict):
             try:
                 kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
             except Exception as error:  # noqa: BLE001 - the compiler's message is the result
-                compiled[key] = (self, f"{type(error).__name__}: {error}", 0.0)
+                cause = f" (caused by {type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+                compiled[key] = (self, f"{type(error).__name__}: {error}{cause}", 0.0)
             else:
                 compiled[key] = (self, kernel, time.perf_counter() - started)
         return None
@@ -143,7 +147,7 @@ def compile_only(arch: int, compiled: dict):
     finally:
         tables.COMPILE_ONLY = False
         JITFunction.run = original_run
-        driver._active = previous_driver
+        setattr(driver, slot, previous_driver)
 
 
 def _unaligned(shape, dtype) -> torch.Tensor:
@@ -328,16 +332,15 @@ def to_markdown(variants: list[Variant], meta: dict) -> str:
         "`RoseAdamW(backend=\"triton\")` launches (every mode, granularity, scope, parameter dtype, "
         "aligned or not, float or tensor lr) compiled for each target without a GPU "
         "(`python -m rose_kernels.backends.triton.aot`). Registers and spills from `ptxas -v`; "
-        "shared memory from the compiled kernel; loads: global loads in the PTX by width (v4 = 16 "
-        "bytes for 32-bit elements); SASS: static instruction count.", "",
+        "shared memory from the compiled kernel; loads: global loads in the PTX by width (16 bytes "
+        "are v4 of 32-bit or v2 of 64-bit words; the scalar ones include the per-tensor table reads "
+        "and the masked tail of a tensor); SASS: static instruction count.", "",
         "| target | kernel | variant (code-choosing constexprs) | warps | registers | spill B | shared B "
         "| loads v4/v2/scalar | SASS |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        choice = ", ".join(f"{k}={val}" for k, val in sorted(v.constexprs.items())
-                           if not k.strip("(),'").isdigit()) if v.ok else ""
-        choice = re.sub(r"\s+", " ", v.key.split("(", 1)[1].rstrip(")"))
+        choice = v.key.split("(", 1)[1].rstrip(")").replace("triton.language.", "")
         choice = ", ".join(part for part in choice.split(", ") if "=" in part)
         if not v.ok:
             lines.append(f"| cuda:{v.arch} | {v.kernel} | {choice} | | fails | | | | |")
@@ -348,11 +351,47 @@ def to_markdown(variants: list[Variant], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def costs_markdown(costs: dict) -> str:
+    """The SELECT design's instruction budget (select.py's docstring cites it)."""
+    issue = H200_WARP_INSTRUCTIONS_PER_S
+    budget = {b: issue / (H200_BYTES_PER_S / b) for b in (4, 8)}
+    lines = [
+        f"## SELECT: instructions per element (cuda:{costs['arch']}, static SASS, marginal per element)", "",
+        "Warp-instructions per element: the growth of the static SASS count from 1024- to 2048-element "
+        "blocks (8 warps), times the warps, per element. Static counts include every branch once "
+        "(both the full-block and the masked-tail loads, every rank's code), so they bound what runs "
+        "from above. An H200 issues ~"
+        f"{issue / 1e12:.2f}e12 warp-instructions/s (132 SMs x 4 schedulers x 1.98 GHz) and streams "
+        f"{H200_BYTES_PER_S / 1e12:.1f} TB/s: a pass stays memory-bound under "
+        f"{budget[4]:.2f} warp-instructions per element when it reads 4 B per element (first-order "
+        f"scores, `|g|`) and {budget[8]:.2f} when it reads 8 B (second-order, `g` and `m`).", "",
+        "| form | warp-instructions / element |", "|---|---|",
+    ]
+    for bins, cost in sorted(costs["histogram"].items()):
+        lines.append(f"| masked `tl.histogram`, {bins} bins ({bins.bit_length() - 1}-bit digit), one rank, "
+                     f"candidate keys | {cost:.2f} |")
+    for ranks, cost in sorted(costs["window_pass"].items()):
+        lines.append(f"| window pass, float32 second-order scores (IEEE division, finiteness check, counts, "
+                     f"compaction), {ranks} distinct rank window{'s' if ranks > 1 else ''} | {cost:.2f} |")
+    lines += [
+        "",
+        "The chosen form: the pass that reads every score on a hit is the window pass (no histogram; "
+        "ranks k and k+1 share a window, so 2 distinct windows for two thresholds); histograms "
+        f"use 8-bit digits ({costs['histogram'].get(256, float('nan')):.2f} per candidate key and "
+        "rank) and run on the compacted candidates, or over the pool only on a miss. The previous "
+        f"form, a 4096-bin histogram of every score in the first pass, cost "
+        f"{costs['histogram'].get(4096, float('nan')):.1f} for the histogram alone. Whether the window "
+        "pass reaches the bandwidth on an H200 is not yet measured: its static count is above the "
+        "8-byte budget, its executed count is lower (one load path, two of the four rank bodies).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _meta() -> dict:
     import triton
 
     try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         git = "unknown"
@@ -374,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                       indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(to_markdown(variants, meta))
+            f.write(to_markdown(variants, meta) + "\n" + costs_markdown(select_costs(90)))
     found = problems(variants)
     for line in found:
         print(line, file=sys.stderr)

@@ -20,12 +20,13 @@ around where the rank is expected.
   passes over the full pool instead.
 
 Why 8-bit digits and no histogram in the window pass: ``tl.histogram`` lowers to warp ballots whose
-cost grows with the bins; compiled for sm_90 (bench/results/triton-aot-*.md) a masked histogram of
-an 8192-element block costs ~16 warp-instructions per element at 4096 bins, 1.8 at 256 and 0.7 at
-16, while an H200 streaming g and m (8 bytes per element at ~4 TB/s against ~1e12 warp-instructions
-per second) has ~2 warp-instructions per element to spend. The window pass only counts and
-compacts (comparisons and block sums, ~1 per element), so a hit stays memory-bound; histograms run
-on the candidates (a few percent of a pool) or on the rare misses.
+cost grows with the bins. Compiled for sm_90 (``python -m rose_kernels.backends.triton.aot``,
+bench/results/triton-aot-*.md), a masked histogram costs ~15.6 warp-instructions per key at 4096
+bins, 2.9 at 256 and 1.7 at 16, while an H200 streaming g and m (8 bytes per element) can issue
+~1.7 per element before the pass stops being memory-bound. The window pass only counts and
+compacts (comparisons, block sums, a two-level scan): ~3 per element in the static count, half of
+it the IEEE division of the score and the compaction; histograms run on the compacted candidates
+(a few percent of a pool) or, on the rare misses, over the pool.
 
 Counts are int64, so pools of any size work. Everything stays on the device: counts, ranks and
 thresholds never visit the host. Every route gives the same exact result. Pools of one score per
@@ -95,8 +96,10 @@ def block_elements(block_tensor, block_start, numels, BLOCK: tl.constexpr):
     t = tl.load(block_tensor + b)
     start = tl.multiple_of(tl.load(block_start + b), BLOCK)
     n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return b, t, start, offs, offs < n, start + BLOCK <= n
+    lanes = tl.arange(0, BLOCK)
+    # The tail test in 32 bits (a 64-bit compare per element costs two instructions or more).
+    inside = lanes < tl.minimum(n - start, BLOCK).to(tl.int32)
+    return b, t, start, start + lanes.to(tl.int64), inside, start + BLOCK <= n
 
 
 @triton.jit
@@ -164,10 +167,10 @@ def _compact(key, chosen, pool, counters, region, capacity, keys):
         rows: tl.constexpr = key.shape[0] // 8
         picked = tl.reshape(chosen.to(tl.int32), (rows, 8))
         per_row = tl.sum(picked, axis=1)
-        position = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(picked, axis=1) - picked
-        position = base + position.to(tl.int64)
-        ok = (picked != 0) & (position < tl.load(capacity + pool))
-        tl.store(keys + tl.load(region + pool) + position, tl.reshape(key, (rows, 8)), mask=ok)
+        local = (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(picked, axis=1) - picked
+        room = tl.maximum(tl.minimum(tl.load(capacity + pool) - base, key.shape[0]), 0).to(tl.int32)
+        ok = (picked != 0) & (local < room)  # 32-bit positions within this block's share
+        tl.store(keys + (tl.load(region + pool) + base) + local, tl.reshape(key, (rows, 8)), mask=ok)
 
 
 @triton.jit
@@ -185,11 +188,13 @@ def _window_pass_kernel(block_tensor, block_start, numels, a_addrs, b_addrs, sca
     if CHECK:
         # The step's finiteness check rides on the first read of every gradient, and of the moments
         # that pooled second-order scores divide by (what the CPU backend checks too).
-        bad = (g != g) | (tl.abs(g) == _INF)
+        # x * 0 is NaN exactly when x is NaN or infinite: one multiply-add per value (two compares
+        # and a max cost three times that, measured on the compiled pass).
+        probe = tl.sum(g * 0.0, axis=0)
         if SECOND:
             if tl.load(pooled + t) != 0:
-                bad = bad | (m != m) | (tl.abs(m) == _INF)
-        if tl.max(bad.to(tl.int32), axis=0) > 0:
+                probe += tl.sum(m * 0.0, axis=0)
+        if probe != probe:
             tl.atomic_max(found, 1)
     if (tl.load(pooled + t) != 0) & (tl.load(todo + pool) != 0):
         row = counts + pool * (1 + 2 * RANKS)
