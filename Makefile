@@ -48,8 +48,11 @@ train: build
 test: build lint
 	$(BIN)/python -m pytest -q tests
 
+# The ratio guard (fused CPU step at least 3x faster than the reference, best of 15) times two
+# backends on a possibly shared machine: here, not in `make test`, where noise could fail it.
 bench: build
 	$(BIN)/python bench/bench_step.py
+	ROSE_BENCH_GUARD=1 $(BIN)/python -m pytest -q tests/test_bench_guard.py
 
 clean:
 	rm -rf build rose_kernels/*.so *.egg-info .pytest_cache .hypothesis

@@ -150,7 +150,7 @@ at::Tensor masked_adamw_cpu(TensorList params, const TensorList& grads, TensorLi
                   "] must be a uint8 tensor of ", (numel + 7) / 8, " bytes");
     }
   }
-  // Steps count every step, masked or not (rose-semantics section 5); incremented here so that the
+  // Steps count every step, masked or not (semantics.md section 5); incremented here so that the
   // bias corrections use the new value, as torch's fused AdamW does.
   std::vector<double> steps(n);
   for (size_t i = 0; i < n; ++i) steps[i] = increment_step(state_steps[i]);

@@ -2,7 +2,7 @@
 
 The class is thin: it checks arguments, owns the state (the keys of ``torch.optim.AdamW``), builds
 one :class:`~rose_kernels.types.StepBatch` per step and hands it to a backend. The algorithm is in
-``rose_kernels.reference`` (the oracle) and in the kernels; see ``shared/docs/rose-semantics.md``.
+``rose_kernels.reference`` (the oracle) and in the kernels; see ``docs/semantics.md``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pure-torch oracle of ROSE: ``shared/docs/rose-semantics.md`` written out plainly.
+"""The pure-torch oracle of ROSE: ``docs/semantics.md`` written out plainly.
 
 Everything here is per tensor, loops in Python, sorts to find quantiles and allocates freely: it is
 slow on purpose, so that it can be read against the semantics line by line. Every backend is tested
@@ -40,7 +40,7 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def quantile(values: torch.Tensor, q: float) -> float:
-    """Linear-interpolated quantile of a 1-D pool (rose-semantics section 3), as a Python float.
+    """Linear-interpolated quantile of a 1-D pool (semantics.md section 3), as a Python float.
 
     ``x_k + (r - k) * (x_{k+1} - x_k)`` with ``r = q * (n - 1)``, ``k = floor(r)``; when
     ``r`` is integral or the two order statistics are equal the result is ``x_k`` itself (so
@@ -128,7 +128,7 @@ def masked_adamw_update(
     weight_decay: float,
     correct_bias: bool,
 ) -> None:
-    """The masked AdamW update of rose-semantics section 5, in place, at the (incremented) ``step``.
+    """The masked AdamW update of semantics.md section 5, in place, at the (incremented) ``step``.
 
     Elements (or the whole tensor) with ``mu == 0`` keep ``param`` and ``exp_avg`` exactly;
     ``exp_avg_sq`` still moves toward ``exp_avg ** 2``.

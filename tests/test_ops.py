@@ -196,6 +196,56 @@ def test_masked_adamw_increments_steps_and_returns_shape(seed):
     assert out[:, 0].tolist() == [10.0, 3.0], seed  # uniform mask 1: sum of mask values = numel
 
 
+def test_masked_adamw_exp_avg_sumsq_is_as_accurate_as_sumsq(seed, restore_capability):
+    """The update's second output, sum(new exp_avg ** 2), is the next step's ||m|| (tensor
+    granularity): on 1e8 float32 elements, rows of 384 at 1e-3 scale with one row in ~170 a
+    thousand times larger, it must match the float64 sum as sumsq does (the tolerance is sumsq's).
+    fp32 lanes over whole 64 Ki chunks (the old kernel) absorbed the small squares after a large
+    row: relative error 1.2e-5 (16 lanes) to 2.5e-5 (8 lanes); fp32 blocks added in float64 give
+    5e-9 to 1.3e-8 (sumsq: 1.7e-8 to 4.3e-8)."""
+    n, row = 10**8, 384
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(n, generator=gen).mul_(1e-3)
+    rows = grads[: n // row * row].view(-1, row)
+    rows[torch.rand(rows.shape[0], generator=gen) < 1 / 170] *= 1000.0
+    params, exp_avgs, exp_avg_sqs = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    step = torch.tensor(0.0)
+    table = make_table(1, beta1=0.0)  # the new exp_avg is the gradient, bit for bit
+    rtol = _sumsq_rtol(torch.float32)
+    for name in _supported_capabilities():
+        ops.cpu_capability(name.lower())
+        out = ops.masked_adamw_([params], [grads], [exp_avgs], [exp_avg_sqs], [step], [None], table)
+        got = out[0, 1].item()
+        want = math.fsum(c.double().pow(2).sum().item() for c in exp_avgs.split(1 << 22))
+        error = abs(got - want) / want
+        assert error <= rtol, f"seed={seed} {name}: cached sum {got!r}, float64 sum {want!r}, rel error {error:.2e}"
+
+
+@pytest.mark.parametrize("value", [3e19, 1e-25, 0.0])
+@pytest.mark.parametrize("path", ["uniform", "frozen", "element"])
+def test_masked_adamw_exp_avg_sumsq_keeps_float64_range(value, path, restore_capability):
+    """As sumsq (test_sumsq_keeps_float64_range_for_finite_inputs): squares of a finite float32
+    exp_avg beyond float32's range are neither inf nor 0 in the cached sum; all-zero blocks give 0.
+    Every path leaves the new exp_avg equal to the gradient: beta1 = 0, or frozen with m = g."""
+    n = 3 * 1024 + 5  # whole blocks of zeros, then blocks of `value`, then a partial block
+    x = torch.full((n,), value)
+    x[:1024] = 0.0
+    table = {
+        "uniform": make_table(1, beta1=0.0),
+        "frozen": make_table(1, mask_second=0.0),
+        "element": make_table(1, beta1=0.0, element_second=1.0, lower=0.0, upper=INF),
+    }[path]
+    want = x.double().pow(2).sum().item()
+    for name in _supported_capabilities():
+        ops.cpu_capability(name.lower())
+        m, v, p = x.clone(), torch.zeros(n), torch.zeros(n)
+        out = ops.masked_adamw_([p], [x], [m], [v], [torch.tensor(0.0)], [None], table)
+        assert torch.equal(m, x), f"{name} {path} {value}"
+        assert math.isclose(out[0, 1].item(), want, rel_tol=1e-6, abs_tol=0.0), (
+            f"{name} {path} [{value}] * {n - 1024}: got {out[0, 1].item()}, want {want}"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad inputs: RuntimeError with a message that says what is wrong
 # ------------------------------------------------------------------------------------------------

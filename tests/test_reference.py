@@ -1,6 +1,6 @@
 """The oracle itself (rose_kernels.reference) against torch.quantile and against hand-worked examples.
 
-The hand-worked cases spell out the scores, thresholds and masks of rose-semantics sections 2-4 as
+The hand-worked cases spell out the scores, thresholds and masks of semantics.md sections 2-4 as
 literal numbers; the updates use `_adamw`, section 5 written for one scalar. Both backends
 ("reference" and "cpu") must reproduce them.
 """

@@ -1,4 +1,4 @@
-"""SELECT: ops.element_thresholds against the oracle (rose-semantics section 3).
+"""SELECT: ops.element_thresholds against the oracle (semantics.md section 3).
 
 The thresholds are linear-interpolated quantiles x_k + (r - k) * (x_k+1 - x_k), r = q * (n - 1) in
 float64, of a pool of element scores: |a| (b empty) or |scale * a / b - 1| in the opmath type over
@@ -779,6 +779,47 @@ def test_pool_beyond_int32_indexing():
     kept = ops.first_order_mask_([a], torch.tensor([[0.0, 0.0]], dtype=torch.float64), [mask])
     assert kept.item() == 1 and mask[zero_at // 8].item() == 1 << (zero_at % 8)
     print(f"build {build_s:.1f} s, element_thresholds calls {timings} s")
+
+
+def test_global_pool_beyond_int32_from_one_repeated_tensor(seed):
+    """Always runs (64 MB): one float32 tensor of 2**24 elements passed 129 times in a global pool,
+    2**31 + 2**24 scores. The pool is the tensor's multiset repeated, so the value at rank r is
+    sorted(|a|)[r // 129]: exact expected quantiles, interpolated across ranks past 2**31. Pool
+    counts and ranks exceed int32 (what test_pool_beyond_int32_indexing also covers for element
+    indices in one tensor, when the machine has the memory)."""
+    m, repeats = 2**24, 129
+    n = m * repeats
+    assert n > 2**31
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, generator=gen)
+    base = np.sort(np.abs(a.numpy()).astype(np.float64))
+
+    def value_at(rank: int) -> float:
+        return float(base[rank // repeats])
+
+    def q_between(j: int, step: int) -> float:
+        """A quantile half-way between ranks j * repeats - 1 and j * repeats, the last copy of one
+        value and the first of the next; j moves by `step` until those two values differ."""
+        while base[j - 1] == base[j]:
+            j += step
+        return (j * repeats - 1 + 0.5) / (n - 1)
+
+    q_past = q_between(2**31 // repeats + 1, 1)  # ranks just past 2**31
+    q_top = q_between(m - 1, -1)  # ranks n - repeats - 1 and n - repeats
+    assert math.floor(q_past * (n - 1)) >= 2**31
+    calls = [
+        (ops.SELECT_AUTO, 0.0, 1.0),
+        (ops.SELECT_AUTO, q_past, q_top),
+        (ops.SELECT_AUTO, 0.3, 0.6),
+        (ops.SELECT_RADIX, q_past, q_top),
+    ]
+    for strategy, q_lo, q_hi in calls:
+        want = [_lerp_from_ranks(n, q, value_at) for q in (q_lo, q_hi)] + [float(n), 0.0]
+        got = ops.element_thresholds([a] * repeats, [], [], q_lo, q_hi, True, strategy)[0].tolist()
+        assert got == want, f"seed={seed} strategy={strategy} q=({q_lo!r}, {q_hi!r}): {got} vs {want}"
+    for q in (q_past, q_top):  # interpolated, strictly between two distinct pool values
+        k = math.floor(q * (n - 1))
+        assert value_at(k) < _lerp_from_ranks(n, q, value_at) < value_at(k + 1), f"seed={seed} q={q!r}"
 
 
 @pytest.mark.parametrize("strategy", [ops.SELECT_AUTO, ops.SELECT_RADIX])

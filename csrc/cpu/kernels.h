@@ -3,7 +3,7 @@
 //
 // This header is compiled once per CPU capability (kernels_{default,avx2,avx512}.cpp, flags in
 // setup.py); everything lives in namespace CPU_CAPABILITY so the copies never meet at link time.
-// The semantics are ../../shared/docs/rose-semantics.md; rose_kernels/reference.py is the oracle.
+// The semantics are ../../docs/semantics.md; rose_kernels/reference.py is the oracle.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -111,11 +111,14 @@ inline void dispatch_float_type(at::ScalarType type, F&& f) {
 // ~1e-7), blocks add up in float64: as fast as a pure-fp32 sum, as accurate as the reference's
 // float64 sum to ~1e-7. A block whose fp32 sum may have overflowed or lost bits to underflow
 // (squares beyond ~1e36 or below ~1e-28; never for real gradients) is summed again in float64.
+// Elements per fp32 partial sum of squares: sumsq_range's blocks and the update's exp_avg sum.
+constexpr int64_t kSumsqBlock = 1024;
+
 template <typename scalar_t>
 double sumsq_range(const scalar_t* x, int64_t n) {
   using opmath_t = typename OpMath<scalar_t>::type;
   using Vec = Vectorized<opmath_t>;
-  constexpr int64_t kBlock = 1024;
+  constexpr int64_t kBlock = kSumsqBlock;
   constexpr int64_t W = Vec::size();
   double total = 0;
   for (int64_t b = 0; b < n; b += kBlock) {
@@ -861,7 +864,7 @@ inline void element_thresholds(const TensorList& a, const TensorList& b, const s
 
 // The float bounds equivalent to comparing a float score with float64 thresholds: for any float s,
 // lo <= s <= hi holds exactly when lo_f <= s <= hi_f. +inf scores are kept only when both
-// thresholds are +inf (rose-semantics section 3), so hi is capped at the largest finite value.
+// thresholds are +inf (semantics.md section 3), so hi is capped at the largest finite value.
 template <typename opmath_t>
 inline void inward_bounds(double lo, double hi, opmath_t& lo_f, opmath_t& hi_f) {
   constexpr opmath_t inf = std::numeric_limits<opmath_t>::infinity();
@@ -946,7 +949,7 @@ inline void first_order_mask(const TensorList& g, const double* thresholds, Tens
 }
 
 // ------------------------------------------------------------------------------------------------
-// UPDATE: the masked AdamW step (rose-semantics section 5)
+// UPDATE: the masked AdamW step (semantics.md section 5)
 // ------------------------------------------------------------------------------------------------
 
 template <typename opmath_t>
@@ -957,6 +960,58 @@ struct UpdateCoeffs {
   opmath_t w1, w2, mu1, mu2;   // element mask: mu = w1 * mu1_j + w2 * mu2_j
   bool element_second;
   opmath_t lo, hi, scale;      // inward float bounds and c of the inline second-order mask
+};
+
+// The sum of squares of the new exp_avg, which the backend keeps as the next step's ||m|| (the
+// tensor-granularity second-order score), summed as sumsq_range sums: fp32 lanes over blocks,
+// each block added in float64, and a block whose fp32 sum may have overflowed or lost bits to
+// underflow summed again in float64 from the stored values. sumsq_range spreads a block of
+// kSumsqBlock over 4 accumulators; the update has one, so its blocks are a quarter as long (the
+// same number of fp32 terms per lane). fp32 lanes over a whole 64 Ki chunk, as before, lost
+// 1e-5 to 1e-4 relative when a few large values came first (test_ops.py has such a tensor), and
+// gave inf or 0 where the squares left float32's range.
+constexpr int64_t kUpdateSumsqBlock = kSumsqBlock / 4;
+
+template <typename opmath_t>
+struct BlockSumsq {
+  using Vec = Vectorized<opmath_t>;
+  static constexpr int64_t W = Vec::size();
+  Vec acc = Vec(0);
+  __at_align__ double lanes[W] = {};  // float64 per lane: the blocks' lane sums added up
+  double resummed = 0;                // blocks summed again in float64
+
+  void add(const Vec& x) { acc = at::vec::fmadd(x, x, acc); }
+
+  // Ends a block; `stored` holds its n elements as written.
+  void end_block(const opmath_t* stored, int64_t n) {
+    if constexpr (!std::is_same_v<opmath_t, double>) {
+      // The block's fp32 sum only decides whether it must be summed again (sumsq_range's test;
+      // a sum of 0 is exact when every element is +-0, which is checked on the stored values).
+      const opmath_t block = at::vec::vec_reduce_all<opmath_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+      const bool in_range = block >= opmath_t(1e-28) && block <= opmath_t(1e36);
+      if (!in_range && !(block == opmath_t(0) && all_zero(stored, n))) {
+        for (int64_t k = 0; k < n; ++k) resummed += static_cast<double>(stored[k]) * stored[k];
+        acc = Vec(0);
+        return;
+      }
+    }
+    __at_align__ opmath_t tmp[W];
+    acc.store(tmp);
+    for (int64_t k = 0; k < W; ++k) lanes[k] += static_cast<double>(tmp[k]);
+    acc = Vec(0);
+  }
+
+  double total() const {
+    double s = resummed;
+    for (int64_t k = 0; k < W; ++k) s += lanes[k];
+    return s;
+  }
+
+  static bool all_zero(const opmath_t* x, int64_t n) {
+    Vec bits(0);
+    for (int64_t i = 0; i < n; i += W) bits = bits | load_as<opmath_t>(x + i, std::min(W, n - i));
+    return (bits.abs() == Vec(0)).zero_mask() == 0;  // every element is +-0
+  }
 };
 
 // One chunk with a uniform mask value. mu == 1 is plain (HF-style) AdamW; mu == 0 freezes p and m
@@ -970,52 +1025,56 @@ void update_uniform(scalar_t* p, const scalar_t* g, typename OpMath<scalar_t>::t
   constexpr int64_t W = Vec::size();
   const Vec b1(c.beta1), b2(c.beta2), omb1(c.one_minus_beta1), omb2(c.one_minus_beta2);
   const Vec ss(c.step_size), eps(c.eps);
-  Vec msq(0);
-  if (c.mu == opmath_t(0)) {
-    for (int64_t i = 0; i < n; i += W) {
-      const int64_t count = std::min(W, n - i);
-      const Vec mv = load_as<opmath_t>(m + i, count);
-      const Vec vv = load_as<opmath_t>(v + i, count);
-      (b2 * vv + omb2 * (mv * mv)).store(v + i, count);
-      msq = at::vec::fmadd(mv, mv, msq);
+  const Vec decay1(c.lr_wd);
+  const Vec mu(c.mu), one_minus_mu(opmath_t(1) - c.mu), decay(c.lr_wd * c.mu);
+  BlockSumsq<opmath_t> msq;
+  for (int64_t b = 0; b < n; b += kUpdateSumsqBlock) {
+    const int64_t e = std::min(n, b + kUpdateSumsqBlock);
+    if (c.mu == opmath_t(0)) {
+      for (int64_t i = b; i < e; i += W) {
+        const int64_t count = std::min(W, e - i);
+        const Vec mv = load_as<opmath_t>(m + i, count);
+        const Vec vv = load_as<opmath_t>(v + i, count);
+        (b2 * vv + omb2 * (mv * mv)).store(v + i, count);
+        msq.add(mv);
+      }
+    } else if (c.mu == opmath_t(1)) {
+      for (int64_t i = b; i < e; i += W) {
+        const int64_t count = std::min(W, e - i);
+        const Vec gv = load_as<opmath_t>(g + i, count);
+        Vec mv = load_as<opmath_t>(m + i, count);
+        Vec vv = load_as<opmath_t>(v + i, count);
+        Vec pv = load_as<opmath_t>(p + i, count);
+        mv = b1 * mv + omb1 * gv;
+        vv = b2 * vv + omb2 * (gv * gv);
+        pv = pv - ss * mv / (vv.sqrt() + eps);
+        pv = pv - decay1 * pv;
+        mv.store(m + i, count);
+        vv.store(v + i, count);
+        store_as<scalar_t>(p + i, pv, count);
+        msq.add(mv);
+      }
+    } else {
+      for (int64_t i = b; i < e; i += W) {
+        const int64_t count = std::min(W, e - i);
+        const Vec gv = load_as<opmath_t>(g + i, count);
+        Vec mv = load_as<opmath_t>(m + i, count);
+        Vec vv = load_as<opmath_t>(v + i, count);
+        Vec pv = load_as<opmath_t>(p + i, count);
+        const Vec gp = mu * gv + one_minus_mu * mv;
+        mv = b1 * mv + omb1 * gp;
+        vv = b2 * vv + omb2 * (gp * gp);
+        pv = pv - ss * (mu * mv) / (vv.sqrt() + eps);
+        pv = pv - decay * pv;
+        mv.store(m + i, count);
+        vv.store(v + i, count);
+        store_as<scalar_t>(p + i, pv, count);
+        msq.add(mv);
+      }
     }
-  } else if (c.mu == opmath_t(1)) {
-    const Vec decay(c.lr_wd);
-    for (int64_t i = 0; i < n; i += W) {
-      const int64_t count = std::min(W, n - i);
-      const Vec gv = load_as<opmath_t>(g + i, count);
-      Vec mv = load_as<opmath_t>(m + i, count);
-      Vec vv = load_as<opmath_t>(v + i, count);
-      Vec pv = load_as<opmath_t>(p + i, count);
-      mv = b1 * mv + omb1 * gv;
-      vv = b2 * vv + omb2 * (gv * gv);
-      pv = pv - ss * mv / (vv.sqrt() + eps);
-      pv = pv - decay * pv;
-      mv.store(m + i, count);
-      vv.store(v + i, count);
-      store_as<scalar_t>(p + i, pv, count);
-      msq = at::vec::fmadd(mv, mv, msq);
-    }
-  } else {
-    const Vec mu(c.mu), one_minus_mu(opmath_t(1) - c.mu), decay(c.lr_wd * c.mu);
-    for (int64_t i = 0; i < n; i += W) {
-      const int64_t count = std::min(W, n - i);
-      const Vec gv = load_as<opmath_t>(g + i, count);
-      Vec mv = load_as<opmath_t>(m + i, count);
-      Vec vv = load_as<opmath_t>(v + i, count);
-      Vec pv = load_as<opmath_t>(p + i, count);
-      const Vec gp = mu * gv + one_minus_mu * mv;
-      mv = b1 * mv + omb1 * gp;
-      vv = b2 * vv + omb2 * (gp * gp);
-      pv = pv - ss * (mu * mv) / (vv.sqrt() + eps);
-      pv = pv - decay * pv;
-      mv.store(m + i, count);
-      vv.store(v + i, count);
-      store_as<scalar_t>(p + i, pv, count);
-      msq = at::vec::fmadd(mv, mv, msq);
-    }
+    msq.end_block(m + b, e - b);
   }
-  m_sumsq += sum_lanes(msq);
+  m_sumsq += msq.total();
 }
 
 // One chunk with a per-element mask: mu_j = w1 * mu1_j + w2 * mu2_j, where mu1_j comes from the
@@ -1035,46 +1094,51 @@ void update_element(scalar_t* p, const scalar_t* g, typename OpMath<scalar_t>::t
   const Vec lo(c.lo), hi(c.hi), scale(c.scale);
   // The kept sum is w1 * sum(mu1) + w2 * sum(mu2): mu1 and mu2 are 0/1, so their lane sums are
   // exact, where summing soft mask values (gamma = 0.162, ...) in fp32 lanes drifted by ~1e-5.
-  Vec msq(0), kept1(0), kept2(0);
-  for (int64_t i = begin; i < end; i += W) {
-    const int64_t count = std::min(W, end - i);
-    const Vec gv = load_as<opmath_t>(g + i, count);
-    const Vec m_old = load_as<opmath_t>(m + i, count);
-    Vec vv = load_as<opmath_t>(v + i, count);
-    const Vec p_old = load_as<opmath_t>(p + i, count);
-    const Vec mu1 = bits != nullptr ? bits_to_lanes<opmath_t>(bits, i, count) : mu1_uniform;
-    Vec mu2 = mu2_uniform;
-    if (c.element_second) {
-      const Vec s = (scale * gv / m_old - one).abs();
-      mu2 = ((m_old == zero) | ((s >= lo) & (s <= hi))) & one;
+  BlockSumsq<opmath_t> msq;
+  Vec kept1(0), kept2(0);
+  for (int64_t b = begin; b < end; b += kUpdateSumsqBlock) {
+    const int64_t e = std::min(end, b + kUpdateSumsqBlock);
+    for (int64_t i = b; i < e; i += W) {
+      const int64_t count = std::min(W, e - i);
+      const Vec gv = load_as<opmath_t>(g + i, count);
+      const Vec m_old = load_as<opmath_t>(m + i, count);
+      Vec vv = load_as<opmath_t>(v + i, count);
+      const Vec p_old = load_as<opmath_t>(p + i, count);
+      const Vec mu1 = bits != nullptr ? bits_to_lanes<opmath_t>(bits, i, count) : mu1_uniform;
+      Vec mu2 = mu2_uniform;
+      if (c.element_second) {
+        const Vec s = (scale * gv / m_old - one).abs();
+        mu2 = ((m_old == zero) | ((s >= lo) & (s <= hi))) & one;
+      }
+      const Vec mu = w1 * mu1 + w2 * mu2;
+      const Vec gp = mu * gv + (one - mu) * m_old;
+      Vec mv = b1 * m_old + omb1 * gp;
+      vv = b2 * vv + omb2 * (gp * gp);
+      Vec pv = p_old - ss * (mu * mv) / (vv.sqrt() + eps);
+      pv = pv - (lr_wd * mu) * pv;
+      const Vec frozen = (mu == zero);
+      mv = Vec::blendv(mv, m_old, frozen);
+      pv = Vec::blendv(pv, p_old, frozen);
+      mv.store(m + i, count);
+      vv.store(v + i, count);
+      store_as<scalar_t>(p + i, pv, count);
+      msq.add(mv);
+      if (count < W) {
+        // Padding lanes (zeros past the tensor's end) can get mu2 = 1 from m == 0: leave them out.
+        __at_align__ opmath_t lanes[W];
+        for (int64_t k = 0; k < W; ++k) lanes[k] = k < count ? opmath_t(1) : opmath_t(0);
+        const Vec real = Vec::loadu(lanes);
+        kept1 = kept1 + mu1 * real;
+        kept2 = kept2 + mu2 * real;
+      } else {
+        kept1 = kept1 + mu1;
+        kept2 = kept2 + mu2;
+      }
     }
-    const Vec mu = w1 * mu1 + w2 * mu2;
-    const Vec gp = mu * gv + (one - mu) * m_old;
-    Vec mv = b1 * m_old + omb1 * gp;
-    vv = b2 * vv + omb2 * (gp * gp);
-    Vec pv = p_old - ss * (mu * mv) / (vv.sqrt() + eps);
-    pv = pv - (lr_wd * mu) * pv;
-    const Vec frozen = (mu == zero);
-    mv = Vec::blendv(mv, m_old, frozen);
-    pv = Vec::blendv(pv, p_old, frozen);
-    mv.store(m + i, count);
-    vv.store(v + i, count);
-    store_as<scalar_t>(p + i, pv, count);
-    msq = at::vec::fmadd(mv, mv, msq);
-    if (count < W) {
-      // Padding lanes (zeros past the tensor's end) can get mu2 = 1 from m == 0: leave them out.
-      __at_align__ opmath_t lanes[W];
-      for (int64_t k = 0; k < W; ++k) lanes[k] = k < count ? opmath_t(1) : opmath_t(0);
-      const Vec real = Vec::loadu(lanes);
-      kept1 = kept1 + mu1 * real;
-      kept2 = kept2 + mu2 * real;
-    } else {
-      kept1 = kept1 + mu1;
-      kept2 = kept2 + mu2;
-    }
+    msq.end_block(m + b, e - b);
   }
   kept += static_cast<double>(c.w1) * sum_lanes(kept1) + static_cast<double>(c.w2) * sum_lanes(kept2);
-  m_sumsq += sum_lanes(msq);
+  m_sumsq += msq.total();
 }
 
 inline void masked_adamw(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,

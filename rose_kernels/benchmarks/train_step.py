@@ -4,7 +4,7 @@ the same loop with ``torch.optim.AdamW(fused=True)``, on all-MiniLM-L6-v2, batch
 Loops, timed round-robin (A B C ... A B C ...) in one process, medians with min/max:
 
 - ``second``: one pass, task backward, RoseAdamW(second) vs torch fused AdamW.
-- ``first`` / ``ensemble``: the step of rose-semantics section 7: two dropout passes, the KL
+- ``first`` / ``ensemble``: the step of semantics.md section 7: two dropout passes, the KL
   gradients (``autograd.grad``, graph kept), ``record_first_order()``, the task backward. Compared
   with the same two-pass loop with torch fused AdamW (KL gradients taken and dropped), which is
   the work ROSE's first order asks of any implementation; and, for information, with a one-backward

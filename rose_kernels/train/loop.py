@@ -230,6 +230,51 @@ def _batch_on(tokenizer, examples, max_length: int, device: torch.device):
     return {k: move(v) for k, v in inputs.items()}, move(labels)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> RoseAdamW:
+    """rose-train's optimizer: RoseAdamW over the release's param groups, betas (0.9, 0.98), eps 1e-6."""
+    return RoseAdamW(rose_param_groups(model, weight_decay=cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                     mode=cfg.mode, granularity=cfg.granularity, lower=cfg.lower, upper=cfg.upper, gamma=cfg.gamma,
+                     backend=cfg.backend)
+
+
+def train_step(model: torch.nn.Module, optimizer: RoseAdamW, scaler: torch.amp.GradScaler,
+               first: FirstOrderScores | None, batches: list[tuple[dict, torch.Tensor]], cfg: TrainConfig
+               ) -> torch.Tensor:
+    """One optimizer step of rose-train (semantics.md section 7) over the micro-batches of the step.
+
+    ``batches``: ``[(inputs, labels)]`` on the model's device, the step's ``--grad-accum`` micro-batches;
+    ``first``: the FirstOrderScores of ``optimizer`` in modes first and ensemble, else None. For each
+    micro-batch: the forward pass(es), the KL gradients kept aside (summed over the micro-batches), the
+    backward of the task loss weighted by the micro-batch's share of the step's examples. Then the
+    gradients are unscaled, the first-order scores recorded (a KL overflow skips the step and lowers the
+    scale, as a task-gradient overflow does), the gradients clipped, the optimizer and the scaler
+    stepped and the gradients set to None. The learning-rate schedule is the caller's.
+    Returns the step's loss, the mean over its examples, as a 0-d tensor left on the device.
+    """
+    device = batches[0][1].device
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: the sums of Python floats
+    count = sum(len(labels) for _, labels in batches)
+    loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
+    for inputs, labels in batches:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, loss_kl, _ = rose_losses(model, inputs, labels, cfg.mode)
+        weight = len(labels) / count  # the step's loss is the mean over its examples
+        if first is not None:
+            first.add(scaler.scale(loss_kl))  # scaled like the task loss: small KL gradients must not underflow
+        scaler.scale(loss * weight).backward()
+        loss_sum = loss_sum + loss.detach().to(sum_dtype) * weight  # no read: stays on the device
+    scaler.unscale_(optimizer)
+    if first is not None:
+        first.record(scaler)  # unscales the KL gradients; their overflow joins the scaler's inf checks
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Runs (or resumes) a training run; returns the metrics written to ``metrics.json``."""
     out = Path(cfg.output_dir)
@@ -265,10 +310,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    groups = rose_param_groups(model, weight_decay=cfg.weight_decay)
-    optimizer = RoseAdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, mode=cfg.mode, granularity=cfg.granularity,
-                          lower=cfg.lower, upper=cfg.upper, gamma=cfg.gamma, backend=cfg.backend)
-    sizes = {n: p.numel() for g in groups for n, p in zip(g["param_names"], g["params"], strict=True)}
+    optimizer = make_optimizer(model, cfg)
+    sizes = {n: p.numel() for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = math.ceil(len(corpus.train) / per_step)
     total = steps_per_epoch * cfg.epochs
@@ -276,7 +319,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         total = min(total, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(cfg.warmup_steps, total))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     first = FirstOrderScores(optimizer) if needs_two_passes(cfg.mode) else None
 
     step, history, train_seconds = 0, [], 0.0
@@ -315,7 +357,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
     # entries of the steps in between carry the kept fractions of the log point's step, named in
     # their "kept_at_step". The log points depend on the step number only, so a resumed run logs
     # at the same steps (and writes the same history) as an uninterrupted one.
-    sum_dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: the sums of Python floats
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, 0-d loss on the device), not yet logged
 
     def flush() -> None:
@@ -341,27 +382,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         first_index = within * per_step
         micro = [order[first_index + a * cfg.batch_size: first_index + (a + 1) * cfg.batch_size].tolist()
                  for a in range(cfg.grad_accum)]
-        micro = [m for m in micro if m]
-        count = sum(len(m) for m in micro)
-        loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
-        for indices in micro:
-            inputs, labels = _batch_on(tokenizer, [corpus.train[i] for i in indices], cfg.max_length, device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss, loss_kl, _ = rose_losses(model, inputs, labels, cfg.mode)
-            weight = len(indices) / count  # the step's loss is the mean over its examples
-            if first is not None:
-                first.add(scaler.scale(loss_kl))
-            scaler.scale(loss * weight).backward()
-            loss_sum = loss_sum + loss.detach().to(sum_dtype) * weight  # no read: stays on the device
-        if first is not None:
-            first.record()
-        scaler.unscale_(optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        batches = [_batch_on(tokenizer, [corpus.train[i] for i in indices], cfg.max_length, device)
+                   for indices in micro if indices]
+        loss_sum = train_step(model, optimizer, scaler, first, batches, cfg)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         pending.append((step, scheduler.get_last_lr()[0], loss_sum))  # the lr is a host number already
         save = step % cfg.save_steps == 0 or step == total

@@ -80,7 +80,7 @@ def _float_lrs(workspace: dict | None, values: tuple[float, ...], device: torch.
         tables.hold(lrs.on_device)
         return lrs.on_device
     if tables.capturing(device):
-        # A host-to-device copy captured into a graph would replay from host memory we reuse.
+        # A host-to-device copy captured into a graph would replay from host memory that is reused.
         raise RuntimeError(
             "rose_kernels (triton): a float lr changed since the last eager step while a CUDA graph is "
             "being captured; run one eager step with this lr before capturing, or pass the lr as a "

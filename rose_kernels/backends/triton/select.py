@@ -70,7 +70,7 @@ def precise_sqrt(a, OPMATH: tl.constexpr):
 
 @triton.jit
 def element_score(g, m, c, SECOND: tl.constexpr, OPMATH: tl.constexpr):
-    """The element score in the opmath type (rose-semantics section 2) and where it is defined."""
+    """The element score in the opmath type (semantics.md section 2) and where it is defined."""
     if SECOND:
         return tl.abs(precise_div(c * g, m, OPMATH) - 1.0), m != 0.0
     else:
@@ -79,7 +79,7 @@ def element_score(g, m, c, SECOND: tl.constexpr, OPMATH: tl.constexpr):
 
 @triton.jit
 def in_bounds(s, lo, hi):
-    """``lo <= s <= hi`` for float64 scores (rose-semantics section 3): +inf only if ``lo`` is +inf.
+    """``lo <= s <= hi`` for float64 scores (semantics.md section 3): +inf only if ``lo`` is +inf.
 
     (``tl.where`` rather than ``|`` of a scalar and a block: the interpreter cannot or those.)"""
     return (s >= lo) & (s <= hi) & tl.where(lo == _INF, True, s < _INF)
@@ -291,7 +291,7 @@ def digit_plan(key_bits: int, digit_bits: int = DIGIT_BITS) -> list[tuple[int, i
 
 
 def interpolate(x_k: torch.Tensor, x_k1: torch.Tensor, r: torch.Tensor, k: torch.Tensor, n: torch.Tensor):
-    """rose-semantics section 3 (and ``reference.quantile``) from the two order statistics, float64."""
+    """semantics.md section 3 (and ``reference.quantile``) from the two order statistics, float64."""
     frac = r - k.to(torch.float64)
     plain = (frac == 0) | (k + 1 >= n) | (x_k == x_k1)
     value = torch.where(plain, x_k, x_k + frac * (x_k1 - x_k))

@@ -1,4 +1,4 @@
-"""UPDATE on the GPU: the masked AdamW step (rose-semantics section 5) for many tensors per launch.
+"""UPDATE on the GPU: the masked AdamW step (semantics.md section 5) for many tensors per launch.
 
 One program per block of one tensor (``tables.block_table``); each program derives its tensor's
 coefficients (bias corrections from the step counter, warm-up, the uniform mask) in float64 from a
