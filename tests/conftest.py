@@ -16,6 +16,17 @@ if not torch.cuda.is_available():
 
 from rose_kernels import RoseAdamW  # noqa: E402
 
+
+def skip_module_unless_triton_runs() -> None:
+    """Module-level skip for the Triton tests when the kernels have nowhere to run: Triton is not
+    installed, or there is no GPU and TRITON_INTERPRET was set to 0 explicitly (without a GPU this
+    file sets it to 1, so `make test` always runs them, interpreted)."""
+    pytest.importorskip("triton")
+    if TRITON_DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: the Triton kernels have nowhere to run",
+                    allow_module_level=True)
+
+
 # Every Triton kernel variant the interpreted tests launch (``aot.variant_key``), so that
 # test_triton_aot.py can check that each one also compiles for the GPU targets.
 INTERPRETED_LAUNCHES: set[str] = set()

@@ -25,15 +25,13 @@ from conftest import (
     assert_snapshot_equal,
     needs_first,
     randn,
+    skip_module_unless_triton_runs,
     snapshot,
 )
 
 from rose_kernels import RoseAdamW, ops
 
-pytest.importorskip("triton")
-if TRITON_DEVICE.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"):
-    pytest.skip("TRITON_INTERPRET=0 and no CUDA GPU: the Triton kernels have nowhere to run",
-                allow_module_level=True)
+skip_module_unless_triton_runs()
 
 from rose_kernels.backends.triton import tables  # noqa: E402
 

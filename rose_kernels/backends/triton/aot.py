@@ -150,6 +150,10 @@ def compile_only(arch: int, compiled: dict):
         setattr(driver, slot, previous_driver)
 
 
+def _aligned(shape, dtype) -> torch.Tensor:
+    return torch.randn(shape).to(dtype)
+
+
 def _unaligned(shape, dtype) -> torch.Tensor:
     """A contiguous tensor that starts 1 element past a 16-byte boundary (a view into a flat buffer)."""
     numel = 1
@@ -182,18 +186,18 @@ def drive_every_step(*, log=print) -> int:
                 continue
             for mode, granularity, scope in configs:
                 for lr in (1e-3, torch.tensor(1e-3)):
-                    make = torch.randn if aligned else _unaligned
-                    params = [make(s).to(d) if aligned else make(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+                    make = _aligned if aligned else _unaligned
+                    params = [make(s, d) for s, d in zip(shapes, dtypes, strict=True)]
                     groups = [{"params": params[:3]}, {"params": params[3:], "rose": False, "warmup_steps": 2}]
                     opt = RoseAdamW(groups, lr=lr, mode=mode, granularity=granularity, scope=scope,
                                     backend="triton", nonfinite="skip")
                     for _ in range(2):
                         if mode in ("first", "ensemble"):
                             for p in params:
-                                p.grad = make(p.shape).to(p.dtype) if aligned else make(p.shape, p.dtype)
+                                p.grad = make(p.shape, p.dtype)
                             opt.record_first_order()
                         for p in params:
-                            p.grad = make(p.shape).to(p.dtype) if aligned else make(p.shape, p.dtype)
+                            p.grad = make(p.shape, p.dtype)
                         opt.step()
                     runs += 1
         log(f"  {layout}: driven")

@@ -12,14 +12,14 @@ import triton
 import triton.language as tl
 
 from rose_kernels.backends.triton import tables
-from rose_kernels.backends.triton.select import aligned_addresses, block_elements, in_bounds, load_block, typed_pointer
+from rose_kernels.backends.triton.select import in_bounds
 
 
 @triton.jit
 def _block_sumsq_kernel(block_tensor, block_start, numels, addrs, partials,
                         DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    b, t, _, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
-    x = load_block(typed_pointer(addrs, t, DTYPE, ALIGNED), offs, inside, full).to(tl.float64)
+    b, t, _, offs, inside, full = tables.block_elements(block_tensor, block_start, numels, BLOCK)
+    x = tables.load_block(tables.typed_pointer(addrs, t, DTYPE, ALIGNED), offs, inside, full).to(tl.float64)
     tl.store(partials + b, tl.sum(x * x, axis=0))
 
 
@@ -57,9 +57,9 @@ def segment_sum(partials: torch.Tensor, blocks: tables.BlockTable, n: int) -> to
 def _first_order_bits_kernel(block_tensor, block_start, numels, g_addrs, bit_addrs, bounds, partials,
                              DTYPE: tl.constexpr, OPMATH: tl.constexpr, ALIGNED: tl.constexpr,
                              BLOCK: tl.constexpr):
-    b, t, start, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
+    b, t, start, offs, inside, full = tables.block_elements(block_tensor, block_start, numels, BLOCK)
     n = tl.load(numels + t)
-    g = load_block(typed_pointer(g_addrs, t, DTYPE, ALIGNED), offs, inside, full)
+    g = tables.load_block(tables.typed_pointer(g_addrs, t, DTYPE, ALIGNED), offs, inside, full)
     s = tl.abs(g.to(OPMATH)).to(tl.float64)
     lo = tl.load(bounds + 2 * t)
     hi = tl.load(bounds + 2 * t + 1)
@@ -90,7 +90,7 @@ def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
             _block_sumsq_kernel[(blocks.num_blocks,)](
                 blocks.block_tensor, blocks.block_start, _numels(group, device),
                 tables.addresses(group, device=device), partials,
-                DTYPE=tables.TL_DTYPES[dtype], ALIGNED=aligned_addresses(group), BLOCK=blocks.block,
+                DTYPE=tables.TL_DTYPES[dtype], ALIGNED=tables.aligned_addresses(group), BLOCK=blocks.block,
                 num_warps=tables.warps("reduce"),
             )
         tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])
@@ -127,7 +127,7 @@ def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: li
                 tables.addresses(group, device=device), tables.addresses([masks[i] for i in index], device=device),
                 group_bounds, partials,
                 DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)],
-                ALIGNED=aligned_addresses(group), BLOCK=blocks.block, num_warps=tables.warps("reduce"),
+                ALIGNED=tables.aligned_addresses(group), BLOCK=blocks.block, num_warps=tables.warps("reduce"),
             )
         tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])
     return out

@@ -86,64 +86,17 @@ def in_bounds(s, lo, hi):
 
 
 @triton.jit
-def block_elements(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-    """This program's block of a multi-tensor launch (tables.block_table): (block, tensor, first
-    element, element offsets, offsets inside the tensor, whether the whole block is inside).
-
-    Block starts are multiples of BLOCK; the hint lets the compiler vectorise the loads of a full
-    block (a mask against a length loaded from memory would keep them scalar)."""
-    b = tl.program_id(0)
-    t = tl.load(block_tensor + b)
-    start = tl.multiple_of(tl.load(block_start + b), BLOCK)
-    n = tl.load(numels + t)
-    lanes = tl.arange(0, BLOCK)
-    # The tail test in 32 bits (a 64-bit compare per element costs two instructions or more).
-    inside = lanes < tl.minimum(n - start, BLOCK).to(tl.int32)
-    return b, t, start, start + lanes.to(tl.int64), inside, start + BLOCK <= n
-
-
-@triton.jit
-def typed_pointer(addresses, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Tensor ``t``'s pointer from an address table. ALIGNED: every address of the launch is a
-    multiple of 16 bytes (checked on the host, ``aligned_addresses``), so full blocks load 16 bytes
-    per instruction. The hint must sit on the pointer made from the integer: on the integer (or on
-    a function argument) the compiler loses it and every load stays 4 bytes wide."""
-    pointer = tl.load(addresses + t).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        pointer = tl.multiple_of(pointer, 16)
-    return pointer
-
-
-@triton.jit
-def load_block(ptr, offs, inside, full):
-    """The block's values (0 outside the tensor): unmasked, hence vectorised, when the block is full."""
-    if full:
-        x = tl.load(ptr + offs)
-    else:
-        x = tl.load(ptr + offs, mask=inside, other=0)
-    return x
-
-
-@triton.jit
-def store_block(ptr, offs, value, inside, full):
-    if full:
-        tl.store(ptr + offs, value)
-    else:
-        tl.store(ptr + offs, value, mask=inside)
-
-
-@triton.jit
 def _pool_keys(block_tensor, block_start, numels, a_addrs, b_addrs, scales, pool_of,
                A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, OPMATH: tl.constexpr, SECOND: tl.constexpr,
                KEY64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """This program's scores as integer keys (int32 for float32 scores: 64-bit integer compares and
     sums cost two instructions each): (tensor, pool, gradients, moments (the gradients for first-order
     scores), keys, valid)."""
-    _, t, _, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
+    _, t, _, offs, inside, full = tables.block_elements(block_tensor, block_start, numels, BLOCK)
     pool = tl.load(pool_of + t).to(tl.int64)
-    g = load_block(typed_pointer(a_addrs, t, A_DTYPE, ALIGNED), offs, inside, full).to(OPMATH)
+    g = tables.load_block(tables.typed_pointer(a_addrs, t, A_DTYPE, ALIGNED), offs, inside, full).to(OPMATH)
     if SECOND:
-        m = load_block(typed_pointer(b_addrs, t, B_DTYPE, ALIGNED), offs, inside, full).to(OPMATH)
+        m = tables.load_block(tables.typed_pointer(b_addrs, t, B_DTYPE, ALIGNED), offs, inside, full).to(OPMATH)
     else:
         m = g
     s, defined = element_score(g, m, tl.load(scales + t).to(OPMATH), SECOND, OPMATH)
@@ -272,12 +225,6 @@ def _candidate_pass_kernel(chunk_pool, chunk_start, todo, table, hist, counters,
         valid = offs < count
         key = tl.load(keys + tl.load(region + pool) + offs, mask=valid, other=0)
         _rank_histograms(key, valid, pool, table, hist, shift, digit, RANKS, BINS)
-
-
-def aligned_addresses(tensors: list[torch.Tensor | None]) -> bool:
-    """Whether every tensor starts on a 16-byte boundary (what ``typed_pointer``'s ALIGNED promises).
-    Fresh allocations do; a view into a flat buffer may not, and then its launch loads element-wise."""
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def digit_plan(key_bits: int, digit_bits: int = DIGIT_BITS) -> list[tuple[int, int]]:
@@ -416,7 +363,7 @@ def element_thresholds(
         blocks = tables.block_table(numels, tables.block_size("select", sum(numels), dtype), device)
         whole = len(index) == n_tensors
         select = None if whole else tables.constant(tuple(index), torch.int64, device)
-        aligned = aligned_addresses(group_a) and (not second or aligned_addresses(group_b))
+        aligned = tables.aligned_addresses(group_a) and (not second or tables.aligned_addresses(group_b))
         if blocks.num_blocks:
             launches.append(dict(
                 grid=(blocks.num_blocks,),

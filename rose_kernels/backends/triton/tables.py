@@ -238,11 +238,54 @@ def put(out: torch.Tensor, index: list[int], values: torch.Tensor) -> None:
         out[constant(tuple(index), torch.int64, out.device)] = values
 
 
+def aligned_addresses(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether every tensor starts on a 16-byte boundary (what ``typed_pointer``'s ALIGNED promises).
+    Fresh allocations do; a view into a flat buffer may not, and then its launch loads element-wise."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
 @triton.jit
 def block_elements(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-    """This program's block: (block, tensor, first element, element offsets, offsets inside the tensor)."""
+    """This program's block of a multi-tensor launch (block_table): (block, tensor, first
+    element, element offsets, offsets inside the tensor, whether the whole block is inside).
+
+    Block starts are multiples of BLOCK; the hint lets the compiler vectorise the loads of a full
+    block (a mask against a length loaded from memory would keep them scalar)."""
     b = tl.program_id(0)
     t = tl.load(block_tensor + b)
-    start = tl.load(block_start + b)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return b, t, start, offs, offs < tl.load(numels + t)
+    start = tl.multiple_of(tl.load(block_start + b), BLOCK)
+    n = tl.load(numels + t)
+    lanes = tl.arange(0, BLOCK)
+    # The tail test in 32 bits (a 64-bit compare per element costs two instructions or more).
+    inside = lanes < tl.minimum(n - start, BLOCK).to(tl.int32)
+    return b, t, start, start + lanes.to(tl.int64), inside, start + BLOCK <= n
+
+
+@triton.jit
+def typed_pointer(addresses, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s pointer from an address table. ALIGNED: every address of the launch is a
+    multiple of 16 bytes (checked on the host, ``aligned_addresses``), so full blocks load 16 bytes
+    per instruction. The hint must sit on the pointer made from the integer: on the integer (or on
+    a function argument) the compiler loses it and every load stays 4 bytes wide."""
+    pointer = tl.load(addresses + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def load_block(ptr, offs, inside, full):
+    """The block's values (0 outside the tensor): unmasked, hence vectorised, when the block is full."""
+    if full:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=inside, other=0)
+    return x
+
+
+@triton.jit
+def store_block(ptr, offs, value, inside, full):
+    if full:
+        tl.store(ptr + offs, value)
+    else:
+        tl.store(ptr + offs, value, mask=inside)

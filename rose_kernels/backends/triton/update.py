@@ -16,17 +16,7 @@ import triton.language as tl
 
 from rose_kernels.backends.triton import tables
 from rose_kernels.backends.triton.score import segment_sum
-from rose_kernels.backends.triton.select import (
-    aligned_addresses,
-    block_elements,
-    element_score,
-    in_bounds,
-    load_block,
-    precise_div,
-    precise_sqrt,
-    store_block,
-    typed_pointer,
-)
+from rose_kernels.backends.triton.select import element_score, in_bounds, precise_div, precise_sqrt
 
 # Columns of the per-tensor hyper-parameter table (float64 [n, len(HYPER_COLUMNS)]).
 HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "correct_bias", "warmup_steps",
@@ -42,12 +32,12 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
                          step_addrs, steps, step_sizes, hyper, masks, found, partials,
                          P_DTYPE: tl.constexpr, OPMATH: tl.constexpr, ELEMENT: tl.constexpr,
                          H: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    b, t, start, offs, inside, full = block_elements(block_tensor, block_start, numels, BLOCK)
-    m_ptr = typed_pointer(m_addrs, t, OPMATH, ALIGNED)
+    b, t, start, offs, inside, full = tables.block_elements(block_tensor, block_start, numels, BLOCK)
+    m_ptr = tables.typed_pointer(m_addrs, t, OPMATH, ALIGNED)
     if tl.load(found) != 0:
         # Skipped: nothing is written; report NaN kept and the unchanged ||m||^2 (the next step's
         # tensor score reads it from the optimizer's cache).
-        m_old = load_block(m_ptr, offs, inside, full).to(tl.float64)
+        m_old = tables.load_block(m_ptr, offs, inside, full).to(tl.float64)
         tl.store(partials + 2 * b, float("nan"))
         tl.store(partials + 2 * b + 1, tl.sum(m_old * m_old, axis=0))
         return
@@ -74,13 +64,13 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
         # The counter moves once per tensor; every program read the snapshot ``steps``.
         tl.store(tl.load(step_addrs + t).to(tl.pointer_type(tl.float32)), step.to(tl.float32))
 
-    p_ptr = typed_pointer(p_addrs, t, P_DTYPE, ALIGNED)
-    g_ptr = typed_pointer(g_addrs, t, P_DTYPE, ALIGNED)
-    v_ptr = typed_pointer(v_addrs, t, OPMATH, ALIGNED)
-    p = load_block(p_ptr, offs, inside, full).to(OPMATH)
-    g = load_block(g_ptr, offs, inside, full).to(OPMATH)
-    m = load_block(m_ptr, offs, inside, full)
-    v = load_block(v_ptr, offs, inside, full)
+    p_ptr = tables.typed_pointer(p_addrs, t, P_DTYPE, ALIGNED)
+    g_ptr = tables.typed_pointer(g_addrs, t, P_DTYPE, ALIGNED)
+    v_ptr = tables.typed_pointer(v_addrs, t, OPMATH, ALIGNED)
+    p = tables.load_block(p_ptr, offs, inside, full).to(OPMATH)
+    g = tables.load_block(g_ptr, offs, inside, full).to(OPMATH)
+    m = tables.load_block(m_ptr, offs, inside, full)
+    v = tables.load_block(v_ptr, offs, inside, full)
 
     if ELEMENT:
         bits_address = tl.load(bit_addrs + t)
@@ -109,9 +99,9 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
     frozen = mu == 0.0
     m_out = tl.where(frozen, m, m_new)
     p_out = tl.where(frozen, p, p_new)
-    store_block(m_ptr, offs, m_out, inside, full)
-    store_block(v_ptr, offs, v_new, inside, full)
-    store_block(p_ptr, offs, p_out.to(P_DTYPE), inside, full)
+    tables.store_block(m_ptr, offs, m_out, inside, full)
+    tables.store_block(v_ptr, offs, v_new, inside, full)
+    tables.store_block(p_ptr, offs, p_out.to(P_DTYPE), inside, full)
 
     m_wide = tl.where(inside, m_out, 0.0).to(tl.float64)
     tl.store(partials + 2 * b, tl.sum(tl.where(inside, mu, 0.0).to(tl.float64), axis=0))
@@ -165,7 +155,7 @@ def masked_adamw_(
             [first_masks[i] for i in index], [state_steps[i] for i in index], device=device,
         )
         partials = torch.empty((blocks.num_blocks, 2), dtype=torch.float64, device=device)
-        aligned = all(aligned_addresses([role[i] for i in index])
+        aligned = all(tables.aligned_addresses([role[i] for i in index])
                       for role in (params, grads, exp_avgs, exp_avg_sqs))
         _masked_adamw_kernel[(blocks.num_blocks,)](
             blocks.block_tensor, blocks.block_start, tables.constant(numels, torch.int64, device),
