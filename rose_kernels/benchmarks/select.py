@@ -43,8 +43,11 @@ def methods(scores: torch.Tensor, device: torch.device) -> dict:
     else:
         from rose_kernels import ops
 
+        ones = torch.ones(1, dtype=torch.float64)
+        pooled = torch.ones(1, dtype=torch.bool)
+
         def ours():
-            return ops.element_thresholds([scores], [], [], Q_LO, Q_HI, False)
+            return ops.element_thresholds([scores], [], ones, pooled, Q_LO, Q_HI, False)
 
     runs = {
         "rose_kernels": ours,

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from rose_kernels.backends.triton import tables
 from rose_kernels.backends.triton.select import in_bounds
+from rose_kernels.ops import schema_of
 
 
 @triton.jit
@@ -76,7 +77,9 @@ def _numels(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return tables.constant(tuple(t.numel() for t in tensors), torch.int64, device)
 
 
-@torch.library.custom_op("rose_triton::sumsq", mutates_args=())
+@torch.library.custom_op(
+    "rose_triton::sumsq", mutates_args=(), schema=schema_of("sumsq")
+)
 def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Per-tensor sums of squares in float64; a non-finite value makes its tensor's sum non-finite."""
     device = tensors[0].device
@@ -102,7 +105,9 @@ def _(tensors):
     return tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
 
-@torch.library.custom_op("rose_triton::first_order_mask_", mutates_args=("masks",))
+@torch.library.custom_op(
+    "rose_triton::first_order_mask_", mutates_args=("masks",), schema=schema_of("first_order_mask_")
+)
 def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
     """Writes ``lo <= |g| <= hi`` as one bit per element (element ``i``: byte ``i // 8``, bit
     ``i % 8``); ``bounds`` is float64 ``[n, 2]`` on the device. Returns the kept count per tensor."""

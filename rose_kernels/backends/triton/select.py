@@ -39,9 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
+from rose_kernels.backends.fused import interpolate, new_guesses
+from rose_kernels.backends.fused import quantile_ranks as _ranks
 from rose_kernels.backends.triton import tables
+from rose_kernels.ops import GUESS_RANKS, SELECT_RADIX, schema_of
 
-RANKS = 4  # x_k and x_{k+1} for each of the two thresholds
+RANKS = GUESS_RANKS  # x_k and x_{k+1} for each of the two thresholds
 GUESS_BITS = 12  # windows are made of top-12-bit buckets of the keys (1/16 octave of scores)
 DIGIT_BITS = 8  # radix digit of the histogram passes (256 bins)
 BINS = 1 << DIGIT_BITS
@@ -237,47 +240,10 @@ def digit_plan(key_bits: int, digit_bits: int = DIGIT_BITS) -> list[tuple[int, i
     return plan
 
 
-def interpolate(x_k: torch.Tensor, x_k1: torch.Tensor, r: torch.Tensor, k: torch.Tensor, n: torch.Tensor):
-    """semantics.md section 3 (and ``reference.quantile``) from the two order statistics, float64."""
-    frac = r - k.to(torch.float64)
-    plain = (frac == 0) | (k + 1 >= n) | (x_k == x_k1)
-    value = torch.where(plain, x_k, x_k + frac * (x_k1 - x_k))
-    return torch.where(n > 0, value, torch.full_like(value, float("nan")))
-
-
-def _ranks(n: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Position ``r = q (n - 1)``, ``k = min(floor(r), n - 1)`` and ``k + 1`` capped, for counts ``n``."""
-    r = q * (n.to(torch.float64) - 1)
-    k = torch.minimum(torch.floor(r).to(torch.int64), n - 1).clamp(min=0)
-    return r, k, torch.minimum(k + 1, n - 1).clamp(min=0)
-
-
-def in_interval(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``reference.in_interval`` with device thresholds: inclusive; +inf only when ``lo`` is +inf."""
-    return (scores >= lo) & (scores <= hi) & ((lo == INF) | torch.isfinite(scores))
-
-
-def small_pool_quantiles(scores: torch.Tensor, defined: torch.Tensor, q_lo: float, q_hi: float) -> torch.Tensor:
-    """``[2]`` float64 thresholds of the defined scores of a small pool (a sort; no host sync)."""
-    ordered = torch.sort(torch.where(defined, scores, torch.full_like(scores, float("nan")))).values
-    n = defined.sum().reshape(1)
-    out = []
-    for q in (q_lo, q_hi):
-        r, k, k1 = _ranks(n, q)
-        out.append(interpolate(ordered.gather(0, k), ordered.gather(0, k1), r, k, n))
-    return torch.cat(out)
-
-
 # Candidate regions hold up to 1/4 of a pool's scores (1 byte per float32 score of memory). A window
 # of three 1/16-octave buckets holds a few percent of a smooth pool per rank; more (heavy ties)
 # overflows into full passes, which is slower but just as exact.
 CAPACITY_DIVISOR = 4
-NO_GUESS = -8  # a top bucket no score has: its window is empty, so the first call misses
-
-
-def new_guesses(pools: int, device: torch.device) -> torch.Tensor:
-    """The per-pool state that lets the next call find its candidates in its first pass."""
-    return torch.full((pools, RANKS), NO_GUESS, dtype=torch.int64, device=device)
 
 
 def _windows(buckets: torch.Tensor, shift: int, key_max: int) -> torch.Tensor:
@@ -307,7 +273,9 @@ def _pick_buckets(hist: torch.Tensor, remaining: torch.Tensor, bits: int):
     return bucket.reshape(pools, ranks), remaining - below.reshape(pools, ranks)
 
 
-@torch.library.custom_op("rose_triton::element_thresholds", mutates_args=("guesses",))
+@torch.library.custom_op(
+    "rose_triton::element_thresholds", mutates_args=("guesses",), schema=schema_of("element_thresholds")
+)
 def element_thresholds(
     a: list[torch.Tensor],
     b: list[torch.Tensor],
@@ -317,6 +285,7 @@ def element_thresholds(
     q_hi: float,
     global_pool: bool,
     guesses: torch.Tensor | None = None,
+    strategy: int = 0,
 ) -> torch.Tensor:
     """Exact thresholds of element scores: ``|a|`` (``b`` empty) or ``|c a / b - 1|`` (``b`` the
     moments, ``scales`` = c per tensor). Tensors whose ``pooled`` flag is 0 are only checked for
@@ -399,7 +368,9 @@ def element_thresholds(
         return _copy_repeated(hist, table)
 
     # The window pass around the guesses: n, the finiteness check, and (on a hit) the candidates.
-    guessed = guesses if guesses is not None else new_guesses(pools, device)
+    # SELECT_RADIX: no guesses (the window pass then misses, and the digit passes find the ranks).
+    radix_only = strategy == SELECT_RADIX
+    guessed = guesses if guesses is not None and not radix_only else new_guesses(pools, device)
     everyone = torch.ones(pools, dtype=torch.int32, device=device)
     key_max = (1 << key_bits) - 1
     windows = _windows(guessed, bucket_shift, key_max)
@@ -437,7 +408,7 @@ def element_thresholds(
         digit, remaining = _pick_buckets(digit_pass(overflow, candidates, table, shift, bits), remaining, bits)
         prefix = (prefix << bits) | digit
     final = windows[..., 0] + prefix
-    if guesses is not None:
+    if guesses is not None and not radix_only:
         guesses.copy_(torch.where(n[:, None] > 0, final >> bucket_shift, guesses))
     full_reads = 1 + 3 * miss.to(torch.float64) + len(offset_plan) * overflow.to(torch.float64)
 
@@ -453,5 +424,5 @@ def element_thresholds(
 
 
 @element_thresholds.register_fake
-def _(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses=None):
+def _(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses=None, strategy=0):
     return a[0].new_empty((1 if global_pool else len(a), 5), dtype=torch.float64)

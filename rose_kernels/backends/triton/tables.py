@@ -8,30 +8,30 @@ pointers. Block tables depend only on the tensors' sizes and are cached by them;
 cached by the addresses, so a step whose tensors did not move (static gradients, CUDA graphs)
 copies nothing to the device.
 
-Nothing here reads device memory: building a table is host work plus one non-blocking copy from
-pinned memory. During CUDA-graph capture a missing table is an error (a host-to-device copy
-captured into a graph would replay from a host buffer that is gone by then).
-
-A captured graph replays raw device pointers, but the caches here evict (and so free) their
-tables. Inside :func:`keep_alive`, every table handed out while a graph is being captured is also
-appended to the caller's list (the optimizer's), which then owns it for as long as the graph may
-be replayed.
+Tables are device tensors made and cached by ``rose_kernels.backends.device_tables`` (its
+``to_device``, ``hold`` and ``keep_alive`` rules apply: nothing read on the device, an error for a
+missing table during CUDA-graph capture, everything a captured graph reads kept alive).
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-_CACHE_LIMIT = 256
+# The host-side caches and capture bookkeeping shared with the other fused backends.
+from rose_kernels.backends.device_tables import (  # noqa: F401  (re-exported for the kernels' modules)
+    _LRU,
+    NAN,
+    capturing,
+    constant,
+    hold,
+    keep_alive,
+    to_device,
+)
 
 
 def interpreting() -> bool:
@@ -49,77 +49,8 @@ def on_host() -> bool:
     return interpreting() or COMPILE_ONLY
 
 
-class _LRU(OrderedDict):
-    def lookup(self, key):
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def store(self, key, value):
-        self[key] = value
-        if len(self) > _CACHE_LIMIT:
-            self.popitem(last=False)
-        return value
-
-
 _blocks = _LRU()
 _addresses = _LRU()
-_constants = _LRU()
-
-
-def capturing(device: torch.device) -> bool:
-    """Whether work issued for ``device`` now is being captured into a CUDA graph (the one place
-    that decides it; tests patch it to exercise the capture paths on the CPU)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-# The active keep-alive list and the ids already in it, or None outside a capture.
-_sink: ContextVar[tuple[list, set[int]] | None] = ContextVar("rose_kernels_keep_alive", default=None)
-
-
-@contextmanager
-def keep_alive(sink: list | None, device: torch.device) -> Iterator[None]:
-    """While a graph is captured on ``device``: every tensor handed out here (and passed to
-    :func:`hold`) is appended to ``sink`` once. Outside a capture nothing is recorded."""
-    active = (sink, {id(t) for t in sink}) if sink is not None and capturing(device) else None
-    token = _sink.set(active)
-    try:
-        yield
-    finally:
-        _sink.reset(token)
-
-
-def hold(*tensors) -> None:
-    """Inside a capturing :func:`keep_alive`: the tensors (None, lists and block tables allowed) are
-    owned by its list from now on. A no-op otherwise."""
-    active = _sink.get()
-    if active is None:
-        return
-    sink, seen = active
-    stack = list(tensors)
-    while stack:
-        t = stack.pop()
-        if isinstance(t, (list, tuple)):
-            stack.extend(t)
-        elif isinstance(t, BlockTable):
-            stack.extend((t.block_tensor, t.block_start, t.first_block))
-        elif isinstance(t, torch.Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            sink.append(t)
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor, without a host synchronisation."""
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    if capturing(device):
-        raise RuntimeError(
-            "rose_kernels (triton): a launch table is missing while a CUDA graph is being captured; "
-            "run at least one eager step with the same tensors and hyper-parameters before capturing"
-        )
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -132,6 +63,10 @@ class BlockTable:
     block_start: torch.Tensor  # int64 [num_blocks]
     first_block: torch.Tensor  # int64 [n + 1]
     most_blocks: int  # of any one tensor
+
+    def held_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What a captured graph reads of this table (device_tables.hold keeps them alive)."""
+        return (self.block_tensor, self.block_start, self.first_block)
 
 
 def block_table(numels: tuple[int, ...], block: int, device: torch.device, *, empty_gets_block: bool = False
@@ -171,22 +106,6 @@ def addresses(*roles: list[torch.Tensor | None], device: torch.device) -> torch.
     cached = _addresses.lookup(key)
     if cached is None:
         cached = _addresses.store(key, to_device([list(p) for p in pointers], torch.int64, device))
-    hold(cached)
-    return cached
-
-
-# The NaN to put in constant() values. NaN != NaN, so a key holding a fresh float("nan") never
-# matches its cache entry (a new entry and a host-to-device copy every call); this one object does.
-NAN = float("nan")
-
-
-def constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A cached device tensor of host values that rarely change (hyper-parameters, flags); NaNs
-    must be :data:`NAN`."""
-    key = (device, dtype, values)
-    cached = _constants.lookup(key)
-    if cached is None:
-        cached = _constants.store(key, to_device(list(values), dtype, device))
     hold(cached)
     return cached
 

@@ -17,13 +17,8 @@ import triton.language as tl
 from rose_kernels.backends.triton import tables
 from rose_kernels.backends.triton.score import segment_sum
 from rose_kernels.backends.triton.select import element_score, in_bounds, precise_div, precise_sqrt
+from rose_kernels.ops import HYPER_COLUMNS, MASK_COLUMNS, schema_of
 
-# Columns of the per-tensor hyper-parameter table (float64 [n, len(HYPER_COLUMNS)]).
-HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay", "correct_bias", "warmup_steps",
-                 "weight_first", "weight_second", "element_second", "scale")
-# Columns of the per-tensor mask table (float64 [n, 4]): uniform first/second-order mask values and
-# the bounds of the inline second-order element mask.
-MASK_COLUMNS = ("mask_first", "mask_second", "lower", "upper")
 _H = len(HYPER_COLUMNS)
 
 
@@ -109,7 +104,8 @@ def _masked_adamw_kernel(block_tensor, block_start, numels, p_addrs, g_addrs, m_
 
 
 @torch.library.custom_op(
-    "rose_triton::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps")
+    "rose_triton::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"),
+    schema=schema_of("masked_adamw_"),
 )
 def masked_adamw_(
     params: list[torch.Tensor],
@@ -131,7 +127,8 @@ def masked_adamw_(
     """
     n = len(params)
     device = params[0].device
-    if hyper.shape != (n, _H) or masks.shape != (n, 4) or hyper.dtype != torch.float64 or masks.dtype != torch.float64:
+    shapes_ok = hyper.shape == (n, _H) and masks.shape == (n, len(MASK_COLUMNS))
+    if not shapes_ok or hyper.dtype != torch.float64 or masks.dtype != torch.float64:
         raise ValueError(f"masked_adamw_: hyper must be float64 [{n}, {_H}] and masks float64 [{n}, 4]")
     for step in state_steps:
         if step.dtype != torch.float32 or step.numel() != 1 or step.device != device:
