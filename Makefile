@@ -15,9 +15,12 @@ INSTALLED := $(VENV)/.package-installed
 RUN_DIR := runs/main-$(shell date +%Y%m%d-%H%M%S)
 
 # The CUDA kernels are compiled and linked (no GPU needed) in a venv of their own with a CUDA build
-# of torch, cached between runs like the build itself (build/cuda-check). `make test` runs the
-# check whenever nvcc is on the PATH, so CUDA code that does not compile or link cannot land.
-CUDA_VENV := .venv-cuda
+# of torch. Both the venv and the build live in a per-user cache (ROSE_KERNELS_CACHE), so that
+# every clone on one machine shares them: the build is keyed by the content of its sources, and a
+# clean clone of an unchanged tree only loads and checks it. `make test` runs the check whenever
+# nvcc is on the PATH, so CUDA code that does not compile or link cannot land.
+ROSE_KERNELS_CACHE ?= $(HOME)/.cache/rose_kernels
+CUDA_VENV := $(ROSE_KERNELS_CACHE)/venv-cuda-torch-2.14.1
 CUDA_DEPS := $(CUDA_VENV)/.deps-installed
 CUDA_TORCH_PIN := torch==2.14.1
 NVCC := $(shell command -v nvcc 2>/dev/null)
@@ -59,6 +62,7 @@ test: build lint $(if $(NVCC),cuda-check)
 	$(BIN)/python -m pytest -q tests
 
 $(CUDA_VENV)/bin/python:
+	mkdir -p $(ROSE_KERNELS_CACHE)
 	$(PYTHON) -m venv $(CUDA_VENV)
 
 $(CUDA_DEPS): $(CUDA_VENV)/bin/python Makefile
@@ -69,7 +73,7 @@ $(CUDA_DEPS): $(CUDA_VENV)/bin/python Makefile
 # CUDA_REPORT=bench/results/cuda-build-<date>.md also writes the registers/spills table there.
 cuda-check: $(CUDA_DEPS)
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_VENV)/bin/python tools/cuda_check.py \
-		$(if $(CUDA_REPORT),--report $(CUDA_REPORT))
+		--cache-dir $(ROSE_KERNELS_CACHE)/cuda-check $(if $(CUDA_REPORT),--report $(CUDA_REPORT))
 
 # The ratio guard (fused CPU step at least 3x faster than the reference, best of 15) times two
 # backends on a possibly shared machine: here, not in `make test`, where noise could fail it.

@@ -25,6 +25,10 @@ ROSE_HD float abs_of(float x) { return fabsf(x); }
 ROSE_HD double abs_of(double x) { return fabs(x); }
 ROSE_HD float sqrt_of(float x) { return sqrtf(x); }
 ROSE_HD double sqrt_of(double x) { return sqrt(x); }
+// nextafter in the argument's own type (an unqualified nextafter on floats would pick the C
+// double function and round its result back: no step at all).
+ROSE_HD float next_toward(float x, float y) { return nextafterf(x, y); }
+ROSE_HD double next_toward(double x, double y) { return nextafter(x, y); }
 template <typename V>
 inline auto abs_of(const V& x) -> decltype(x.abs()) { return x.abs(); }
 template <typename V>
@@ -119,9 +123,9 @@ ROSE_HD void inward_bounds(double lo, double hi, T& lo_f, T& hi_f) {
     return;
   }
   lo_f = static_cast<T>(lo);
-  if (static_cast<double>(lo_f) < lo) lo_f = nextafter(lo_f, inf);
+  if (static_cast<double>(lo_f) < lo) lo_f = next_toward(lo_f, inf);
   hi_f = static_cast<T>(hi);
-  if (static_cast<double>(hi_f) > hi) hi_f = nextafter(hi_f, -inf);
+  if (static_cast<double>(hi_f) > hi) hi_f = next_toward(hi_f, -inf);
   const T largest = std::numeric_limits<T>::max();
   if (lo != std::numeric_limits<double>::infinity() && hi_f > largest) hi_f = largest;
 }

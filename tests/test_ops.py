@@ -1150,3 +1150,30 @@ def test_capabilities_sumsq_accuracy(seed, restore_capability):
             assert math.isclose(got[i].item(), want[i], rel_tol=_sumsq_rtol(x.dtype), abs_tol=0.0), (
                 f"seed={seed} {name}: tensor {i} ({x.dtype}, n={x.numel()}): {got[i].item()} vs {want[i]}"
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_float64_bounds_between_two_floats(seed, dtype):
+    """Thresholds a quarter of a float32 ulp inside two scores (an interpolated quantile is rarely a
+    float32 value): the score just below lo and the one just above hi are out. The kernels compare
+    in float32, so each bound must move inward to the next float32 (rose_math.h inward_bounds);
+    rounded to the nearest one instead, both edge scores would be kept."""
+    gen = torch.Generator().manual_seed(seed)
+    g = (torch.rand(4096, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    s = g.double().abs()
+    values = torch.unique(s)
+    i = int(torch.randint(0, len(values) // 2, (1,), generator=gen))
+    below, above = float(values[i]), float(values[-1 - i])
+
+    def ulp32(x: float) -> float:
+        x32 = torch.tensor(x, dtype=torch.float32)
+        return float(torch.nextafter(x32, torch.tensor(float("inf"))) - x32)
+
+    lo, hi = below + 0.25 * ulp32(below), above - 0.25 * ulp32(above)
+    masks = [torch.zeros((g.numel() + 7) // 8, dtype=torch.uint8)]
+    ops.first_order_mask_([g], torch.tensor([[lo, hi]], dtype=torch.float64), masks)
+    bits = torch.tensor([(int(masks[0][j // 8]) >> (j % 8)) & 1 for j in range(g.numel())], dtype=torch.bool)
+    want = (s >= lo) & (s <= hi)
+    assert torch.equal(bits, want), (f"seed={seed}: bounds ({lo!r}, {hi!r}); wrong at "
+                                     f"{s[bits != want][:5].tolist()}")
+    assert want.any() and not want[s == below].any() and not want[s == above].any(), f"seed={seed}"

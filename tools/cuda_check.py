@@ -12,8 +12,10 @@ makes one). Steps:
 3. registers, spills and stack per kernel and architecture, from ``ptxas -v``, go to a Markdown
    report (``--report``); any spill or stack frame fails the check.
 
-The build is incremental (setuptools rebuilds only when a source or header changed); the ptxas
-report of the last real compile is kept next to the build and reused.
+Builds are cached by content (``--cache-dir``): the key hashes the sources and headers, setup.py,
+this script, the torch version, the architectures and CUDA_HOME, so a clean clone of a tree that
+was checked before on this machine only loads and checks the cached library and reuses its ptxas
+report; any change to a source builds again (in a fresh folder).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import argparse
 import ast
 import datetime
 import glob
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +47,28 @@ def op_names() -> tuple[str, ...]:
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\d+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"ptxas info\s*: Used (\d+) registers")
+
+
+def cache_key(torch_version: str) -> str:
+    """What the built library depends on, hashed: sources, headers, build script, toolchain."""
+    digest = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True))
+    files += [os.path.join(ROOT, "setup.py"), os.path.abspath(__file__)]
+    for path in files:
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, ROOT).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    for part in (torch_version, os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"), os.environ.get("CUDA_HOME", "")):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def prune(cache_dir: str, keep: int) -> None:
+    """Keeps the `keep` most recent builds (each is some tens of MB)."""
+    builds = sorted((os.path.join(cache_dir, d) for d in os.listdir(cache_dir)), key=os.path.getmtime, reverse=True)
+    for old in builds[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build(build_dir: str) -> tuple[str, bool]:
@@ -143,24 +169,31 @@ def report(rows: list[dict], torch_version: str, arch_list: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build-dir", default=os.path.join(ROOT, "build", "cuda-check"))
+    parser.add_argument("--cache-dir", default=os.path.join(ROOT, "build", "cuda-check"),
+                        help="builds are kept here, one folder per content key")
     parser.add_argument("--report", help="also write the Markdown report here")
     args = parser.parse_args()
     import torch
 
     if torch.version.cuda is None:
         raise SystemExit(f"cuda-check: needs a CUDA build of torch, this is {torch.__version__}")
-    os.makedirs(args.build_dir, exist_ok=True)
-    output, compiled = build(args.build_dir)
-    log = os.path.join(args.build_dir, "ptxas.log")
-    if compiled:
-        with open(log, "w") as f:
-            f.write(output)
-    elif os.path.exists(log):
+    build_dir = os.path.join(args.cache_dir, cache_key(torch.__version__))
+    log = os.path.join(build_dir, "ptxas.log")
+    if os.path.exists(log):
+        print(f"cuda-check: these sources were built before ({build_dir}); loading that build")
         with open(log) as f:
             output = f.read()
     else:
-        raise SystemExit(f"cuda-check: nothing was compiled and there is no earlier {log}; remove {args.build_dir}")
+        shutil.rmtree(build_dir, ignore_errors=True)  # a build that did not finish
+        os.makedirs(build_dir)
+        output, compiled = build(build_dir)
+        if not compiled:
+            raise SystemExit(f"cuda-check: nothing was compiled in the fresh folder {build_dir}")
+        with open(log + ".tmp", "w") as f:
+            f.write(output)
+        os.replace(log + ".tmp", log)  # written last: marks a finished build
+        prune(args.cache_dir, keep=3)
+    args.build_dir = build_dir
     libraries = glob.glob(os.path.join(args.build_dir, "lib", "rose_kernels", "_C*.so"))
     if len(libraries) != 1:
         raise SystemExit(f"cuda-check: expected one built library, found {libraries}")
