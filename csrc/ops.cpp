@@ -33,8 +33,12 @@ bool is_supported_float(at::ScalarType t) {
 
 at::ScalarType opmath_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The device every tensor of a call must be on: that of its first tensor (CPU for an empty list).
-at::Device device_of(const TensorList& xs) { return xs.empty() ? at::Device(at::kCPU) : xs[0].device(); }
+// The device every tensor of a call must be on: that of its first tensor, or for an empty list that
+// of the call's table (`fallback`), so that an empty call with device tables is accepted.
+at::Device device_of(const TensorList& xs, const at::Tensor& fallback = at::Tensor()) {
+  if (!xs.empty()) return xs[0].device();
+  return fallback.defined() ? fallback.device() : at::Device(at::kCPU);
+}
 
 void check_dense(const at::Tensor& t, const at::Device& device, const char* op, const char* what, size_t i) {
   TORCH_CHECK(t.defined(), op, ": ", what, "[", i, "] is undefined");
@@ -86,7 +90,7 @@ void check_element_thresholds(const TensorList& a, const TensorList& b, const at
                               const at::Tensor& pooled, double q_lo, double q_hi, bool global_pool,
                               const std::optional<at::Tensor>& guesses, int64_t strategy) {
   const char* op = "element_thresholds";
-  const at::Device device = device_of(a);
+  const at::Device device = device_of(a, scales);
   const int64_t n = static_cast<int64_t>(a.size());
   check_float_list(a, device, op, "a");
   check_quantile(q_lo, op, "q_lo");
@@ -117,7 +121,7 @@ void check_element_thresholds(const TensorList& a, const TensorList& b, const at
 
 void check_first_order_mask(const TensorList& grads, const at::Tensor& bounds, const TensorList& masks) {
   const char* op = "first_order_mask_";
-  const at::Device device = device_of(grads);
+  const at::Device device = device_of(grads, bounds);
   check_float_list(grads, device, op, "grads");
   TORCH_CHECK(masks.size() == grads.size(), op, ": got ", grads.size(), " grads but ", masks.size(), " masks");
   check_small(bounds, device, at::kDouble, {static_cast<int64_t>(grads.size()), 2}, op, "bounds");
@@ -141,7 +145,7 @@ void check_masked_adamw(const TensorList& params, const TensorList& grads, const
               op, ": params, grads, exp_avgs, exp_avg_sqs, state_steps and first_masks must have one entry per "
               "parameter; got ", n, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ",
               state_steps.size(), ", ", first_masks.size());
-  const at::Device device = device_of(params);
+  const at::Device device = device_of(params, hyper);
   check_float_list(params, device, op, "params");
   const int64_t rows = static_cast<int64_t>(n);
   check_small(hyper, device, at::kDouble, {rows, kNumHyperColumns}, op, "hyper");
@@ -325,7 +329,8 @@ TORCH_LIBRARY(rose_kernels, m) {
   // one pool per tensor or one global pool. scales: float64 [n]; pooled: bool [n]; guesses: int64
   // [pools, 4], speed hints an implementation may keep between calls (never results). Returns
   // float64 [pools, 5]: lower, upper, defined-score count, non-finite flag (any a, or b of a pooled
-  // tensor; every row), passes that read the pool's inputs in full.
+  // tensor; every row), passes that read the pool's inputs in full. The CPU rejects non-finite
+  // scales of pooled tensors; a GPU cannot look without a host read (its scores turn NaN/inf).
   m.def("element_thresholds(Tensor[] a, Tensor[] b, Tensor scales, Tensor pooled, float q_lo, float q_hi, "
         "bool global_pool, Tensor(a!)? guesses=None, int strategy=0) -> Tensor");
   // SCORE, first order, element granularity: 1-bit masks lo_i <= |g| <= hi_i (bounds: float64
@@ -333,7 +338,8 @@ TORCH_LIBRARY(rose_kernels, m) {
   m.def("first_order_mask_(Tensor[] grads, Tensor bounds, Tensor(a!)[] masks) -> Tensor");
   // UPDATE: the masked AdamW step over many tensors; increments state_steps. hyper: float64 [n, 11]
   // and masks: float64 [n, 4] (csrc/common.h); found: int32 [1], non-zero makes the call a no-op
-  // (counters included); element: whether any tensor may have a per-element mask. Returns float64
+  // (counters included); element: whether any tensor may have a per-element mask (a promise: with
+  // element false the CUDA kernels skip the inline second-order test). Returns float64
   // [n, 2]: sum of mask values (NaN when skipped) and sum of squares of the new exp_avg per tensor.
   m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] state_steps, Tensor?[] first_masks, Tensor hyper, Tensor masks, Tensor found, bool element) "

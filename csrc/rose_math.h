@@ -5,7 +5,9 @@
 // Every formula is written once as a template over the value type V (float, double, or a vector of
 // them); the only functions V needs are abs_of and sqrt_of below (a Vectorized has .abs() and
 // .sqrt()). Both compilers build this without contraction (-ffp-contract=off for g++, -fmad=false
-// for nvcc) and with IEEE division and square root, so a CUDA step rounds exactly as a CPU step.
+// for nvcc) and with IEEE division and square root, so a CUDA step rounds as a CPU step does; the
+// one exception is step_size's float64 pow (CUDA documents up to 2 ulp, glibc ~0.5), which can
+// move a parameter by an ulp.
 #pragma once
 
 #include <cmath>

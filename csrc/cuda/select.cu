@@ -796,6 +796,9 @@ __global__ void __launch_bounds__(kPickThreads)
     target_of[r] = slot;
   }
 
+  // Every lane read the pool's state above; shuffles and ballots order no memory accesses, so the
+  // warp meets here before lane 0 overwrites it.
+  __syncwarp();
   if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < kRanks; ++r) {
