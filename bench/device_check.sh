@@ -9,6 +9,8 @@
 #      reference, CUDA-graph replay also after the caches were emptied, no host sync in step();
 #   2. bench/bench_gpu.py: step time of both backends vs torch.optim.AdamW(fused=True) on
 #      BERT-large and a 1.3B layout, and SELECT on 1e9 scores against one read.
+# The three stages are capped at 150 + 220 + 200 s (BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT), so
+# that the whole script fits in one 10-minute command.
 # Writes env.txt, build.txt, tests.txt, bench.txt, gpu-step.md/.json and summary.md to $OUT
 # (default bench/results/device-<date>). Set ROSE_GIT_REV to the revision (the copy has no .git).
 #
@@ -30,7 +32,7 @@ unset TRITON_INTERPRET
 } 2>&1 | tee "$OUT/env.txt"
 
 start=$(date +%s)
-ROSE_KERNELS_CUDA=1 timeout "${BUILD_TIMEOUT:-300}" python setup.py build_ext --inplace > "$OUT/build.txt" 2>&1
+ROSE_KERNELS_CUDA=1 timeout "${BUILD_TIMEOUT:-150}" python setup.py build_ext --inplace > "$OUT/build.txt" 2>&1
 build_rc=$?
 echo "build: exit $build_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt" "$OUT/env.txt"
 [ $build_rc -ne 0 ] && grep -iE "error" "$OUT/build.txt" | head -20
@@ -39,13 +41,13 @@ ROSE_KERNELS_NO_EXTENSION=1 python -m pip install -q --no-build-isolation --no-d
   > "$OUT/install.txt" 2>&1 || echo "install failed (see install.txt); running from the source tree" | tee -a "$OUT/env.txt"
 
 start=$(date +%s)
-timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py \
+timeout "${TEST_TIMEOUT:-220}" python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton.py \
   tests/test_triton_host.py --maxfail=20 --durations=8 2>&1 | tee "$OUT/tests.txt" | tail -25
 test_rc=${PIPESTATUS[0]}
 echo "tests: exit $test_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.txt"
 
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-240}" python bench/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -40
+timeout "${BENCH_TIMEOUT:-200}" python bench/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -40
 bench_rc=${PIPESTATUS[0]}
 echo "bench: exit $bench_rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.txt"
 
