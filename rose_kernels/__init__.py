@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from rose_kernels import distributed  # noqa: E402,F401  (rose_kernels.distributed.average_gradients_)
 from rose_kernels.groups import is_eligible, rose_param_groups  # noqa: E402
 from rose_kernels.optim import RoseAdamW  # noqa: E402
 
