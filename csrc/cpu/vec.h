@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "dtype_dispatch.h"
 #include "cpu/dispatch.h"
 #include "rose_math.h"
 
@@ -91,17 +92,7 @@ inline double sum_lanes(const Vectorized<opmath_t>& v) {
   return s;
 }
 
-// Calls f with a null pointer of the tensor's element type (float, double, bfloat16, half).
-template <typename F>
-inline void dispatch_float_type(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kDouble: f(static_cast<double*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "rose_kernels: unsupported dtype ", type);
-  }
-}
+using rose_kernels::dispatch_float_type;  // dtype_dispatch.h, shared with the CUDA host code
 
 // ------------------------------------------------------------------------------------------------
 // Mask helpers shared by the first-order mask writer and the update

@@ -36,6 +36,8 @@
 #include <utility>
 #include <vector>
 
+#include "dtype_dispatch.h"
+
 namespace rose_kernels::cuda::mt {
 
 using TensorList = std::vector<at::Tensor>;
@@ -91,17 +93,7 @@ constexpr int kUnitStride = kThreads * kVecElems<T>;
 static_assert(kChunk % (kThreads * 8) == 0, "a chunk must hold whole units for every element type");
 static_assert(kChunk % 8 == 0, "mask bytes must not straddle chunks");
 
-// Calls f with a null pointer of the element type `type` names (float, double, BFloat16, Half).
-template <typename F>
-void dispatch_float(at::ScalarType type, F&& f) {
-  switch (type) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kDouble: f(static_cast<double*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "rose_kernels: unsupported dtype ", type);
-  }
-}
+using rose_kernels::dispatch_float_type;  // dtype_dispatch.h, shared with the CPU kernels
 
 // The tensors of one dtype, as indices (rows) into the op's list, in list order.
 struct DtypeGroup {

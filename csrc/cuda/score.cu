@@ -128,7 +128,7 @@ at::Tensor sumsq(const TensorList& tensors) {
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (const auto& plan : plans) {
-    mt::dispatch_float(plan.dtype, [&](auto* tag) {
+    mt::dispatch_float_type(plan.dtype, [&](auto* tag) {
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
       for (const auto& l : plan.launches) {
         const auto grid = static_cast<unsigned>(l.blocks);
@@ -146,12 +146,9 @@ at::Tensor sumsq(const TensorList& tensors) {
 }
 
 at::Tensor first_order_mask_(const TensorList& grads, const at::Tensor& bounds, const TensorList& masks) {
+  // Every argument was checked by ops.cpp (check_first_order_mask).
   const size_t n = grads.size();
-  TORCH_CHECK(masks.size() == n, "first_order_mask_: got ", n, " grads but ", masks.size(), " masks");
   if (n == 0) return at::empty({0}, bounds.options().dtype(at::kDouble));
-  TORCH_CHECK(bounds.scalar_type() == at::kDouble && bounds.is_contiguous() &&
-                  bounds.numel() == 2 * static_cast<int64_t>(n),
-              "first_order_mask_: bounds must be a contiguous float64 [", n, ", 2] tensor");
   const c10::cuda::CUDAGuard guard(grads[0].device());
   auto out = at::empty({static_cast<int64_t>(n)}, grads[0].options().dtype(at::kDouble));
 
@@ -172,7 +169,7 @@ at::Tensor first_order_mask_(const TensorList& grads, const at::Tensor& bounds, 
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (const auto& plan : plans) {
-    mt::dispatch_float(plan.dtype, [&](auto* tag) {
+    mt::dispatch_float_type(plan.dtype, [&](auto* tag) {
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
       for (const auto& l : plan.launches) {
         const auto grid = static_cast<unsigned>(l.blocks);

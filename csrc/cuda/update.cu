@@ -381,18 +381,11 @@ at::Tensor masked_adamw_(const TensorList& params, const TensorList& grads, cons
                          const TensorList& exp_avg_sqs, const TensorList& state_steps,
                          const OptionalTensorList& first_masks, const at::Tensor& hyper, const at::Tensor& masks,
                          const at::Tensor& found, bool element) {
+  // Every argument was checked by ops.cpp (check_masked_adamw): list lengths, table shapes and
+  // dtypes, float32 step counters on the device.
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && state_steps.size() == n &&
-                  first_masks.size() == n,
-              "masked_adamw_: every list must have one entry per parameter");
   if (n == 0) return at::empty({0, 2}, hyper.options().dtype(at::kDouble));
   const auto rows = static_cast<int64_t>(n);
-  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
-                  hyper.numel() == rows * kNumHyperColumns,
-              "masked_adamw_: hyper must be a contiguous float64 [", n, ", ", int64_t(kNumHyperColumns), "] tensor");
-  TORCH_CHECK(masks.scalar_type() == at::kDouble && masks.is_contiguous() && masks.numel() == rows * kNumMaskColumns,
-              "masked_adamw_: masks must be a contiguous float64 [", n, ", ", int64_t(kNumMaskColumns), "] tensor");
-  TORCH_CHECK(found.scalar_type() == at::kInt && found.numel() >= 1, "masked_adamw_: found must be int32 [1]");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto doubles = params[0].options().dtype(at::kDouble);
@@ -416,8 +409,6 @@ at::Tensor masked_adamw_(const TensorList& params, const TensorList& grads, cons
     table.count = static_cast<int32_t>(std::min<int64_t>(StepTable::kMax, rows - r0));
     for (int k = 0; k < table.count; ++k) {
       const int64_t r = r0 + k;
-      TORCH_CHECK(state_steps[r].scalar_type() == at::kFloat && state_steps[r].numel() == 1,
-                  "masked_adamw_: state_steps[", r, "] must be a one-element float32 tensor");
       table.step[k] = state_steps[r].data_ptr<float>();
       table.flags[k] = static_cast<uint8_t>((has_mask(first_masks[r]) ? kFlagHasBits : 0) |
                                             (params[r].scalar_type() == at::kDouble ? kFlagWide : 0));
@@ -445,7 +436,7 @@ at::Tensor masked_adamw_(const TensorList& params, const TensorList& grads, cons
   auto partials = at::empty({seg.total * kPartials}, doubles);
   double* partial_data = seg.total > 0 ? partials.data_ptr<double>() : nullptr;
   for (const auto& plan : plans) {
-    mt::dispatch_float(plan.dtype, [&](auto* tag) {
+    mt::dispatch_float_type(plan.dtype, [&](auto* tag) {
       using scalar_t = std::remove_pointer_t<decltype(tag)>;
       for (const auto& l : plan.launches) {
         if (l.aligned) {

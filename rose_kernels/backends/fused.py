@@ -20,6 +20,7 @@ gradients are not finite returns before the update.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -165,6 +166,7 @@ def _lr_column(workspace: dict | None, hypers, device: torch.device) -> torch.Te
     return torch.stack([floats[i] if t is None else t.reshape(()).to(torch.float64) for i, t in enumerate(tensors)])
 
 
+@functools.cache
 def native_ops():
     """The op family as the compiled extension registers it (CPU, and CUDA when built so)."""
     ns = torch.ops.rose_kernels
