@@ -33,21 +33,27 @@ import torch.distributed as dist
 def average_gradients_(params, group: dist.ProcessGroup | None = None, bucket_bytes: int = 32 << 20) -> None:
     """Replaces every ``.grad`` of ``params`` by its mean over the ranks of ``group``, in place.
 
-    Gradients are flattened into buckets of at most ``bucket_bytes`` per dtype and device, one
+    Parameters without a gradient are skipped, so every rank must have gradients for the same
+    parameters (see :func:`average_tensors_`)."""
+    average_tensors_([p.grad for p in params if p.grad is not None], group, bucket_bytes)
+
+
+def average_tensors_(tensors, group: dist.ProcessGroup | None = None, bucket_bytes: int = 32 << 20) -> None:
+    """Replaces every tensor of ``tensors`` by its mean over the ranks of ``group``, in place.
+
+    The tensors are flattened into buckets of at most ``bucket_bytes`` per dtype and device, one
     all-reduce per bucket (a model has hundreds of small tensors; one collective each would be
-    latency-bound). Parameters without a gradient are skipped, so every rank must have gradients
-    for the same parameters."""
+    latency-bound). A no-op without an initialised process group or with one rank."""
     if not dist.is_available() or not dist.is_initialized():
         return
     world = dist.get_world_size(group)
     if world == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}
     sizes: dict[tuple, int] = {}
-    for g in grads:
+    for g in tensors:
         if g.is_sparse:
-            raise RuntimeError("average_gradients_: sparse gradients are not supported")
+            raise RuntimeError("average_tensors_: sparse tensors are not supported")
         key = (g.dtype, g.device)
         nbytes = g.numel() * g.element_size()
         if key not in buckets or sizes[key] + nbytes > bucket_bytes:

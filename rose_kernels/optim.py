@@ -17,6 +17,7 @@ import torch
 from torch.optim import Optimizer
 
 from rose_kernels import backends
+from rose_kernels.backends import sharded
 from rose_kernels.reference import opmath_dtype
 from rose_kernels.types import (
     GRANULARITIES,
@@ -79,6 +80,18 @@ def _check_group(group: dict, *, at_step: bool = False) -> None:
         raise ValueError(f"the param group key 'rose' must be True or False, got {group['rose']!r}")
     if not isinstance(group["correct_bias"], bool):
         raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
+
+
+def _new_state(p: torch.Tensor) -> dict:
+    """The state of a parameter before its first step (a DTensor parameter gets DTensor moments,
+    sharded like it, which torch.distributed.checkpoint saves and reshards)."""
+    moment = dict(dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format)
+    return {
+        # On the parameter's device for GPUs (as torch's fused AdamW keeps it).
+        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+        "exp_avg": torch.zeros_like(p, **moment),
+        "exp_avg_sq": torch.zeros_like(p, **moment),
+    }
 
 
 class RoseAdamW(Optimizer):
@@ -178,6 +191,7 @@ class RoseAdamW(Optimizer):
         self._workspace: dict = {"graph_keepalive": self._graph_keepalive}
         self._kept: dict[torch.Tensor, int] = {}  # parameter -> position in _kept_values
         self._kept_values: list[float] | torch.Tensor = []
+        self._kept_sharding = None  # sharded parameters: _kept_values are this shard's sums
         self._exp_avg_sumsq: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
         super().__init__(params, defaults)
 
@@ -243,6 +257,20 @@ class RoseAdamW(Optimizer):
         self._first_order_flag = None
         self._workspace.clear()
         self._workspace["graph_keepalive"] = self._graph_keepalive  # graphs captured before may replay
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Creates now the state of every parameter that has none: counter 0 and zero moments,
+        which behave exactly like no state (the next step is a first step).
+
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` and
+        ``set_optimizer_state_dict`` fill an optimizer without state by calling ``step()`` on zero
+        gradients, which modes ``first`` and ``ensemble`` refuse without a first-order record: call
+        this before them (resuming a run, for instance)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state.get(p):
+                    self.state[p] = _new_state(p)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -355,13 +383,17 @@ class RoseAdamW(Optimizer):
                 raise RuntimeError("RoseAdamW does not support sparse gradients")
         warmup = {p: g["warmup_steps"] for g in self.param_groups if g["rose"] for p in g["params"]}
         state_steps = [self.state[p]["step"] if self.state.get(p) else None for p in params]
-        kl_grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        sharding = sharded.sharding_of(params)
+        kl_grads = [sharded.local(p.grad) for p in params]
+        kl_grads = [g if g.is_contiguous() else g.contiguous() for g in kl_grads]
         backend = self._backend_for(params)
+        self._check_sharding_support(backend, sharding)
         warmups = [warmup[p] for p in params]
         reuse = [previous.get(p) for p in params]
         self._first_order_buffers, previous = {}, None  # only `reuse` holds the old masks now
+        extra = {} if sharding is None else {"sharding": sharding}
         record = backend.record_first_order(kl_grads, state_steps, warmups, self.rose, reuse=reuse,
-                                            workspace=self._workspace)
+                                            workspace=self._workspace, **extra)
         del reuse
         if isinstance(record.nonfinite, torch.Tensor):
             if self._policy(backend) == "raise" and bool(record.nonfinite):
@@ -401,22 +433,24 @@ class RoseAdamW(Optimizer):
             raise RuntimeError(
                 f"mode={cfg.mode!r} needs first-order scores for every step: call "
                 "opt.record_first_order() after loss_kl.backward(retain_graph=True) and before "
-                "zero_grad() / loss.backward() / opt.step()"
+                "zero_grad() / loss.backward() / opt.step() (torch.distributed.checkpoint's get_ and "
+                "set_optimizer_state_dict call step() on an optimizer without state: call opt.init_state() first)"
             )
 
-        batch, new_states = self._collect()
+        batch, new_states, owners = self._collect()
         if not batch.params:
             self._first_order = None
             return loss
         if needs_first:
-            batch.first_order = [self._first_order.get(p) for p in batch.params]
+            batch.first_order = [self._first_order.get(p) for p in owners]
             batch.first_order_nonfinite = self._first_order_flag
         batch.workspace = self._workspace
         batch.exp_avg_sumsq = [
-            self._cached_exp_avg_sumsq(p, m) for p, m in zip(batch.params, batch.exp_avgs, strict=True)
+            self._cached_exp_avg_sumsq(p, m) for p, m in zip(owners, batch.exp_avgs, strict=True)
         ]
 
         backend = self._backend_for(batch.params)
+        self._check_sharding_support(backend, batch.sharding)
         capturing = getattr(backend, "capturing", None)
         capturing = capturing is not None and capturing(batch.params[0].device)
         result = backend.step(batch, cfg)
@@ -432,7 +466,7 @@ class RoseAdamW(Optimizer):
             return loss
         for p, state in new_states:
             self.state[p] = state
-        kept = {p: i for i, p in enumerate(batch.params) if batch.eligible[i]}
+        kept = {p: i for i, p in enumerate(owners) if batch.eligible[i]}
         values = result.kept
         old = self._kept_values
         if (isinstance(values, torch.Tensor) and kept == self._kept and isinstance(old, torch.Tensor)
@@ -445,9 +479,10 @@ class RoseAdamW(Optimizer):
             values = old.copy_(values)
         self._kept = kept
         self._kept_values = values
+        self._kept_sharding = batch.sharding
         sumsqs = result.exp_avg_sumsq
         if sumsqs is not None:
-            for i, p in enumerate(batch.params):
+            for i, p in enumerate(owners):
                 m = batch.exp_avgs[i]
                 self._exp_avg_sumsq[p] = (weakref.ref(m), m._version, sumsqs[i])
         if capturing:
@@ -470,14 +505,16 @@ class RoseAdamW(Optimizer):
             return None
         return value
 
-    def _collect(self) -> tuple[StepBatch, list[tuple[torch.Tensor, dict]]]:
+    def _collect(self) -> tuple[StepBatch, list[tuple[torch.Tensor, dict]], list[torch.Tensor]]:
         """Checks every group and gradient, then gathers the step's tensors; changes nothing.
 
         State for parameters seen for the first time is created here but only committed to
-        ``self.state`` once the step has gone through.
+        ``self.state`` once the step has gone through. Also returns the participating parameters
+        themselves: for sharded (DTensor) parameters the batch holds their local shards.
         """
         batch = StepBatch([], [], [], [], [], [], [])
         new_states = []
+        owners = []
         with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         resident = bool(with_grads) and getattr(self._backend_for(with_grads), "device_resident", False)
         for group in self.param_groups:
@@ -494,34 +531,45 @@ class RoseAdamW(Optimizer):
                         f"gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does not match its "
                         f"parameter ({tuple(p.shape)}, {p.dtype})"
                     )
-                if not p.is_contiguous():
+                if not sharded.local(p).is_contiguous():
                     raise RuntimeError("a parameter became non-contiguous after RoseAdamW was built")
                 state = self.state.get(p)
                 if not state:
-                    moment = dict(dtype=opmath_dtype(p.dtype), memory_format=torch.contiguous_format)
-                    state = {
-                        # On the parameter's device for GPUs (as torch's fused AdamW keeps it).
-                        "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                        "exp_avg": torch.zeros_like(p, **moment),
-                        "exp_avg_sq": torch.zeros_like(p, **moment),
-                    }
+                    state = _new_state(p)
                     new_states.append((p, state))
                 else:
                     self._check_state(p, state)
-                batch.params.append(p)
+                grad = sharded.local(grad)
+                owners.append(p)
+                batch.params.append(sharded.local(p))
                 batch.grads.append(grad if grad.is_contiguous() else grad.contiguous())
-                batch.exp_avgs.append(state["exp_avg"])
-                batch.exp_avg_sqs.append(state["exp_avg_sq"])
+                batch.exp_avgs.append(sharded.local(state["exp_avg"]))
+                batch.exp_avg_sqs.append(sharded.local(state["exp_avg_sq"]))
                 batch.state_steps.append(state["step"])
                 batch.eligible.append(group["rose"])
                 batch.hypers.append(hyper)
-        return batch, new_states
+        batch.sharding = sharded.sharding_of(owners)
+        return batch, new_states, owners
+
+    @staticmethod
+    def _check_sharding_support(backend, sharding) -> None:
+        if sharding is not None and not hasattr(backend, "ops"):
+            raise RuntimeError(
+                f"RoseAdamW: backend {backend.name!r} does not run on sharded (DTensor) parameters; use "
+                "backend='auto' (the fused kernels)"
+            )
 
     @staticmethod
     def _check_state(p: torch.Tensor, state: dict) -> None:
         want = opmath_dtype(p.dtype)
         for key in ("exp_avg", "exp_avg_sq"):
             t = state.get(key)
+            if t is not None and sharded.local(t).shape != sharded.local(p).shape:
+                raise RuntimeError(
+                    f"state[{key!r}] of a sharded parameter of shape {tuple(p.shape)} must be sharded like it "
+                    f"(a DTensor with placements {getattr(p, 'placements', None)}); load sharded optimizer "
+                    "state with torch.distributed.checkpoint"
+                )
             if t is None or t.shape != p.shape or t.dtype != want or t.device != p.device:
                 raise RuntimeError(
                     f"state[{key!r}] of a parameter of shape {tuple(p.shape)} must be a {want} tensor of the "
@@ -542,10 +590,14 @@ class RoseAdamW(Optimizer):
         """Kept fraction (mean mask value) of each eligible parameter at the last step.
 
         Keys are the group's ``param_names`` when given (as :func:`rose_param_groups` does), else
-        ``"<group index>.<param index>"``.
+        ``"<group index>.<param index>"``. With sharded (FSDP2) parameters each rank holds its
+        shard's share, and this call adds them up: a collective, to be called on every rank.
         """
         values = self._kept_values
         counter = self._skipped_on_device
+        if self._kept_sharding is not None and len(values):
+            # Each rank holds its shard's sums of mask values: one all-reduce (a collective call).
+            values = self._kept_sharding.kept_fractions(torch.as_tensor(values))
         if isinstance(values, torch.Tensor):
             # Device-resident results: one read, here, when asked (with the skip counter).
             if counter is not None and counter.device == values.device:

@@ -69,6 +69,9 @@ class StepBatch:
     # ``workspace["graph_keepalive"]``: a list the optimizer keeps for its lifetime; a backend puts
     # there every device tensor that a step captured in a CUDA graph reads and could otherwise free.
     workspace: dict | None = None
+    # Parameters sharded over ranks (FSDP2): the tensors above are the local shards, and this
+    # object (rose_kernels.backends.sharded.ShardedStep) makes scores and thresholds global.
+    sharding: Any = None
 
 
 @dataclass
@@ -77,7 +80,8 @@ class StepResult:
     values (``nonfinite``: the step was skipped on the device) so that nothing waits on the host."""
 
     nonfinite: bool | torch.Tensor
-    kept: list[float] | torch.Tensor = field(default_factory=list)  # kept fraction (mean mask value)
+    # kept fraction (mean mask value); under sharding, this shard's sum of mask values instead
+    kept: list[float] | torch.Tensor = field(default_factory=list)
     exp_avg_sumsq: list[float] | torch.Tensor | None = None  # sum of squares of the new exp_avg
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
+import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 transformers = pytest.importorskip("transformers")
@@ -506,3 +507,94 @@ def test_default_run_on_minilm_and_rotten_tomatoes(tmp_path, capsys):
     assert metrics["config"]["mode"] == "ensemble" and metrics["train_examples"] == 7677
     assert metrics["eval_examples"] == 853 and 0.3 < metrics["clean_accuracy"] < 1.0
     assert (out / "kept_fraction.png").read_bytes().startswith(PNG)
+
+
+# ------------------------------------------------------------------------------------------------
+# rose-train --distributed {ddp,fsdp} under torchrun (2 CPU processes, gloo)
+# ------------------------------------------------------------------------------------------------
+
+DIST_STEPS = 6
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _torchrun(args: list[str], **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "rose_kernels.train", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _dist_args(tiny_model, files, out: Path, kind: str) -> list[str]:
+    return base_args(tiny_model, files, out, "--max-steps", str(DIST_STEPS), "--save-steps", "1", "--mode", "ensemble",
+                     "--granularity", "element", "--distributed", kind)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+@needs_gloo
+def test_ddp_and_fsdp_runs_agree_and_fsdp_resumes_after_kill_9(tiny_model, files, tmp_path):
+    runs = {kind: tmp_path / kind for kind in ("ddp", "fsdp")}
+    for kind, out in runs.items():
+        output = _finish(_torchrun(_dist_args(tiny_model, files, out, kind)))
+        assert f"x 2 ranks ({kind})" in output
+        assert output.count("clean accuracy") == 1, "only rank 0 reports"
+        assert (out / "metrics.json").is_file() and (out / "kept_fraction.png").is_file()
+    metrics = {kind: json.loads((out / "metrics.json").read_text()) for kind, out in runs.items()}
+    assert metrics["ddp"]["ranks"] == metrics["fsdp"]["ranks"] == 2
+    # The same rows, dropout draws and averaged gradients: only the order of float32 sums differs.
+    history = {kind: json.loads((out / "history.json").read_text()) for kind, out in runs.items()}
+    assert len(history["ddp"]) == DIST_STEPS
+    for a, b in zip(history["ddp"], history["fsdp"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["kept"] - b["kept"]) < 1e-3, (a, b)
+    for key, a in _weights(runs["ddp"]).items():
+        torch.testing.assert_close(_weights(runs["fsdp"])[key], a, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    assert len(list(runs["fsdp"].glob("state-step*"))) == 1, "older sharded checkpoints are removed"
+
+    killed = tmp_path / "killed"
+    proc = _torchrun(_dist_args(tiny_model, files, killed, "fsdp"), start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while _checkpoint_step(killed / CHECKPOINT) < 3:
+            assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "no third checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
+    _finish(_torchrun(["--resume", "--output-dir", str(killed), "--no-progress", "--distributed", "fsdp"]))
+    straight, resumed = _weights(runs["fsdp"]), _weights(killed)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert (runs["fsdp"] / "history.json").read_text() == (killed / "history.json").read_text()
+
+
+@needs_gloo
+def test_distributed_without_torchrun_and_a_mismatched_resume_fail_clearly(tiny_model, files, tmp_path, capsys,
+                                                                           monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_cli(cli.train_main, _dist_args(tiny_model, files, tmp_path / "a", "ddp"), capsys)
+    assert code == 2 and "runs under torchrun" in err and len(err.strip().splitlines()) == 1, err
+    out = tmp_path / "b"
+    code, _, err = run_cli(cli.train_main, base_args(tiny_model, files, out, "--max-steps", "1"), capsys)
+    assert code == 0, err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    code, _, err = run_cli(cli.train_main, ["--resume", "--output-dir", str(out), "--distributed", "fsdp"], capsys)
+    assert code == 2 and "saved with --distributed none" in err, err
+    assert not dist.is_initialized()

@@ -197,20 +197,22 @@ class FusedBackend:
 
     def record_first_order(
         self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
-        cfg: RoseConfig, reuse: list | None = None, workspace: dict | None = None,
+        cfg: RoseConfig, reuse: list | None = None, workspace: dict | None = None, sharding=None,
     ) -> FirstOrderRecord:
         """``reuse``: last step's masks; their buffers are written again (fixed addresses: launch
         tables stay cached, a captured CUDA graph keeps pointing at the right memory, and the old
-        masks are not alive next to the new ones: 1 bit per element at the peak, not 2)."""
+        masks are not alive next to the new ones: 1 bit per element at the peak, not 2).
+        ``sharding``: the KL gradients are local shards (backends/sharded.py)."""
         with _keep_alive(workspace, kl_grads[0].device):
-            record = self._record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse, workspace)
+            record = self._record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse, workspace, sharding)
             device_tables.hold(record.masks, record.nonfinite)
         if self.device_resident:
             return record
         masks = [m.item() if isinstance(m, torch.Tensor) and m.dim() == 0 else m for m in record.masks]
         return FirstOrderRecord(masks=masks, nonfinite=bool(record.nonfinite))
 
-    def _record_first_order(self, kl_grads, state_steps, warmup_steps, cfg, reuse, workspace) -> FirstOrderRecord:
+    def _record_first_order(self, kl_grads, state_steps, warmup_steps, cfg, reuse, workspace,
+                            sharding) -> FirstOrderRecord:
         ops = self.ops()
         device = kl_grads[0].device
         n = len(kl_grads)
@@ -219,6 +221,8 @@ class FusedBackend:
         q_lo, q_hi = cfg.quantiles
         if cfg.granularity == "tensor":
             sums = ops.sumsq(kl_grads)
+            if sharding is not None:
+                sharding.all_reduce_sum_(sums)
             nonfinite = ~torch.isfinite(sums).all()
             scores = sums.sqrt()
             bounds = small_pool_quantiles(scores, scored, q_lo, q_hi)
@@ -227,7 +231,10 @@ class FusedBackend:
         ones = device_tables.constant((1.0,) * n, torch.float64, device)
         global_pool = cfg.scope == "global"
         guesses = _guesses(workspace, "first", 1 if global_pool else n, device)
-        thresholds = ops.element_thresholds(kl_grads, [], ones, scored, q_lo, q_hi, global_pool, guesses)
+        if sharding is not None:
+            thresholds = sharding.element_thresholds(kl_grads, [], None, scored, q_lo, q_hi, global_pool)
+        else:
+            thresholds = ops.element_thresholds(kl_grads, [], ones, scored, q_lo, q_hi, global_pool, guesses)
         nonfinite = thresholds[0, 3] != 0
         if not self.device_resident and bool(nonfinite):
             return FirstOrderRecord(masks=[], nonfinite=True)
@@ -260,7 +267,8 @@ class FusedBackend:
         n = len(params)
         device = params[0].device
         hypers = batch.hypers
-        numels = tuple(p.numel() for p in params)
+        sharding = batch.sharding
+        numels = sharding.numels if sharding is not None else tuple(p.numel() for p in params)
         uses_second = cfg.mode in ("second", "ensemble")
         uses_first = cfg.mode in ("first", "ensemble")
         element = cfg.granularity == "element"
@@ -283,18 +291,26 @@ class FusedBackend:
             scales = device_tables.constant(tuple(h.scale for h in hypers), torch.float64, device)
             global_pool = cfg.scope == "global"
             guesses = _guesses(batch.workspace, "second", 1 if global_pool else n, device)
-            thresholds = ops.element_thresholds(batch.grads, batch.exp_avgs, scales, pooled, q_lo, q_hi, global_pool,
-                                                guesses)
+            if sharding is not None:
+                thresholds = sharding.element_thresholds(batch.grads, batch.exp_avgs, [h.scale for h in hypers],
+                                                         pooled, q_lo, q_hi, global_pool)
+            else:
+                thresholds = ops.element_thresholds(batch.grads, batch.exp_avgs, scales, pooled, q_lo, q_hi,
+                                                    global_pool, guesses)
             found = torch.maximum(found, thresholds[:1, 3].to(torch.int32))
             bounds = thresholds[:, :2].expand(n, 2)
             lower, upper = bounds[:, 0], bounds[:, 1]
         else:
             grad_sums = ops.sumsq(batch.grads)
+            m_sums = self._exp_avg_sums(batch, device) if uses_second else None
+            if sharding is not None:  # the shards' partial sums, added up: one all-reduce
+                both = sharding.all_reduce_sum_(grad_sums if m_sums is None else torch.cat([grad_sums, m_sums]))
+                grad_sums, m_sums = (both, None) if m_sums is None else both.split(n)
             found = torch.maximum(found, (~torch.isfinite(grad_sums).all()).to(torch.int32).reshape(1))
             if uses_second:
                 if not self.device_resident and bool(found[0]):
                     return StepResult(nonfinite=True)
-                mu2 = self._tensor_second_order(batch, cfg, pooled, grad_sums, device)
+                mu2 = self._tensor_second_order(batch, cfg, pooled, grad_sums, m_sums, device)
         if not self.device_resident and bool(found[0]):
             return StepResult(nonfinite=True)
 
@@ -327,12 +343,14 @@ class FusedBackend:
             params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.state_steps, first_masks, hyper, masks,
             found, element and (uses_second or uses_first),
         )
+        if sharding is not None:  # this shard's sums of mask values; RoseAdamW adds them up when asked
+            return StepResult(nonfinite=found[0] != 0, kept=out[:, 0], exp_avg_sumsq=out[:, 1])
         sizes = device_tables.constant(tuple(float(k) for k in numels), torch.float64, device)
         kept = torch.where(sizes > 0, out[:, 0] / sizes, 1.0)
         return StepResult(nonfinite=found[0] != 0, kept=kept, exp_avg_sumsq=out[:, 1])
 
-    def _tensor_second_order(self, batch, cfg, pooled, grad_sums, device) -> torch.Tensor:
-        """Tensor-granularity second-order masks, float64 ``[n]`` (1 where undefined or not pooled)."""
+    def _exp_avg_sums(self, batch, device) -> torch.Tensor:
+        """float64 ``[n]``: ``||exp_avg||^2`` of every parameter, cached from the last update where valid."""
         cached = batch.exp_avg_sumsq or [None] * len(batch.params)
         if device_tables.capturing(device):
             # A graph would replay the cached values of the step before capture: recompute inside.
@@ -345,6 +363,10 @@ class FusedBackend:
         else:
             m_sums = torch.stack([fresh[i] if c is None else torch.as_tensor(c, dtype=torch.float64, device=device)
                                   .reshape(()) for i, c in enumerate(cached)])
+        return m_sums
+
+    def _tensor_second_order(self, batch, cfg, pooled, grad_sums, m_sums, device) -> torch.Tensor:
+        """Tensor-granularity second-order masks, float64 ``[n]`` (1 where undefined or not pooled)."""
         scales = device_tables.constant(tuple(h.scale for h in batch.hypers), torch.float64, device)
         defined = pooled & (m_sums != 0)
         scores = (scales * grad_sums.sqrt() / m_sums.sqrt() - 1.0).abs()

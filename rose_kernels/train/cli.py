@@ -85,6 +85,9 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-steps", type=int, default=defaults.log_steps,
                      help="read the loss and kept fractions every N steps (each read waits for the device)")
     run.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
+    run.add_argument("--distributed", default=defaults.distributed, choices=["none", "ddp", "fsdp"],
+                     help="data parallel over the processes torchrun starts (gloo on the CPU, nccl on CUDA): "
+                          "ddp (DistributedDataParallel) or fsdp (FSDP2, sharded parameters and state)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ import torch
 
 import rose_kernels
 from rose_kernels import RoseAdamW, rose_param_groups
+from rose_kernels.distributed import average_gradients_, average_tensors_
 from rose_kernels.train import data as data_mod
 from rose_kernels.train.model import accuracy, batch_of, load_model, predict_proba
+from rose_kernels.train.parallel import KINDS, Parallel, full_model_state, load_sharded, save_sharded
 from rose_kernels.train.step import FirstOrderScores, needs_two_passes, rose_losses
 
 CHECKPOINT = "checkpoint.pt"
@@ -80,6 +83,7 @@ class TrainConfig:
     device: str = "auto"
     backend: str = "auto"
     eval_batch_size: int = 64
+    distributed: str = "none"  # ddp or fsdp: one process per rank, started by torchrun
 
     def check(self) -> None:
         positive = ("batch_size", "grad_accum", "max_length", "epochs", "save_steps", "log_steps",
@@ -98,6 +102,8 @@ class TrainConfig:
             raise TrainError("pass either --dataset or --train-file, not both")
         if self.eval_file and not self.train_file:
             raise TrainError("--eval-file needs --train-file")
+        if self.distributed not in KINDS:
+            raise TrainError(f"--distributed must be one of {', '.join(KINDS)}, got {self.distributed!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -238,8 +244,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> RoseAdamW:
 
 
 def train_step(model: torch.nn.Module, optimizer: RoseAdamW, scaler: torch.amp.GradScaler,
-               first: FirstOrderScores | None, batches: list[tuple[dict, torch.Tensor]], cfg: TrainConfig
-               ) -> torch.Tensor:
+               first: FirstOrderScores | None, batches: list[tuple[dict, torch.Tensor]], cfg: TrainConfig,
+               parallel: Parallel | None = None, count: int | None = None) -> torch.Tensor:
     """One optimizer step of rose-train (semantics.md section 7) over the micro-batches of the step.
 
     ``batches``: ``[(inputs, labels)]`` on the model's device, the step's ``--grad-accum`` micro-batches;
@@ -250,20 +256,32 @@ def train_step(model: torch.nn.Module, optimizer: RoseAdamW, scaler: torch.amp.G
     scale, as a task-gradient overflow does), the gradients clipped, the optimizer and the scaler
     stepped and the gradients set to None. The learning-rate schedule is the caller's.
     Returns the step's loss, the mean over its examples, as a 0-d tensor left on the device.
+
+    Data parallel (``parallel``): ``batches`` are this rank's rows and ``count`` the step's examples
+    over all ranks. The gradients are averaged over the ranks, so each rank's losses are weighted by
+    the number of ranks too (the KL divergence, a sum over the batch, as well); the returned loss is
+    this rank's share of the step's mean (their sum over the ranks is the mean).
     """
+    parallel = parallel or Parallel()
     device = batches[0][1].device
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     sum_dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: the sums of Python floats
-    count = sum(len(labels) for _, labels in batches)
+    count = count or sum(len(labels) for _, labels in batches)
     loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
-    for inputs, labels in batches:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss, loss_kl, _ = rose_losses(model, inputs, labels, cfg.mode)
-        weight = len(labels) / count  # the step's loss is the mean over its examples
-        if first is not None:
-            first.add(scaler.scale(loss_kl))  # scaled like the task loss: small KL gradients must not underflow
-        scaler.scale(loss * weight).backward()
+    for i, (inputs, labels) in enumerate(batches):
+        with parallel.no_sync(model, last=i == len(batches) - 1, two_pass=first is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                loss, loss_kl, _ = rose_losses(model, inputs, labels, cfg.mode)
+            weight = len(labels) / count  # the step's loss is the mean over its examples
+            if first is not None:
+                kl = scaler.scale(loss_kl)  # scaled like the task loss: small KL gradients must not underflow
+                first.add(kl * parallel.world if parallel.world > 1 else kl)
+            scaled = loss * weight
+            scaler.scale(scaled * parallel.world if parallel.world > 1 else scaled).backward()
         loss_sum = loss_sum + loss.detach().to(sum_dtype) * weight  # no read: stays on the device
+    if parallel.average_by_hand(first is not None):
+        average_gradients_(model.parameters())
     scaler.unscale_(optimizer)
     if first is not None:
         first.record(scaler)  # unscales the KL gradients; their overflow joins the scaler's inf checks
@@ -275,8 +293,25 @@ def train_step(model: torch.nn.Module, optimizer: RoseAdamW, scaler: torch.amp.G
     return loss_sum
 
 
+def _format(distributed: str) -> str:
+    """How a run's checkpoint holds its model and optimizer state."""
+    return "sharded" if distributed == "fsdp" else "full"
+
+
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Runs (or resumes) a training run; returns the metrics written to ``metrics.json``."""
+    """Runs (or resumes) a training run; returns the metrics written to ``metrics.json``.
+
+    Under ``--distributed`` (one process per rank, started by torchrun) every rank calls this; rank 0
+    logs, evaluates and writes metrics, the model and the checkpoint's metadata, and returns the
+    metrics; the other ranks return ``{}``."""
+    parallel = Parallel.start(cfg.distributed, cfg.device)
+    try:
+        return _train(cfg, parallel, log if parallel.main else (lambda _: None), progress and parallel.main)
+    finally:
+        parallel.close()
+
+
+def _train(cfg: TrainConfig, parallel: Parallel, log: Callable[[str], None], progress: bool) -> dict:
     out = Path(cfg.output_dir)
     checkpoint_path = out / CHECKPOINT
     saved = None
@@ -291,16 +326,21 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
             raise TrainError(f"--resume: {checkpoint_path} is from an incompatible rose-train version")
         given = dataclasses.asdict(cfg)
         cfg = TrainConfig(**{**saved["config"], "resume": True, "output_dir": str(out)})
-        changed = [k for k in ("device", "backend") if given[k] != saved["config"][k]]
+        changed = [k for k in ("device", "backend", "distributed") if given[k] != cfg.__dict__[k]]
         for key in changed:  # where to run may change; what to compute may not
             setattr(cfg, key, given[key])
+        saved_kind = saved["config"].get("distributed", "none")
+        if _format(cfg.distributed) != _format(saved_kind):
+            raise TrainError(f"--resume: the run was saved with --distributed {saved_kind}; resume it with "
+                             f"--distributed {'fsdp' if saved_kind == 'fsdp' else 'none or ddp'}")
         log(f"resuming {out} at step {saved['step']} (the run's own options are used)")
     elif checkpoint_path.exists() or (out / "metrics.json").exists():
         raise TrainError(f"{out} already holds a run: pass --resume to continue it, or another --output-dir")
     cfg.check()
-    device = resolve_device(cfg.device)
+    device = parallel.device(resolve_device(cfg.device))
     if cfg.precision == "fp16" and device.type != "cuda":
         raise TrainError("--precision fp16 needs a CUDA device (use bf16 on the CPU)")
+    parallel.barrier()  # every rank has checked the output directory before rank 0 writes to it
 
     corpus = load_corpus(cfg)
     adv_examples = data_mod.load_advglue(cfg.adv_file, cfg.adv_task, corpus.labels) if cfg.adv_file else None
@@ -310,6 +350,8 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
+    net = parallel.wrap(model, device)  # what the step calls; `model` holds the parameters
+    two_pass = needs_two_passes(cfg.mode)
     optimizer = make_optimizer(model, cfg)
     sizes = {n: p.numel() for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
     per_step = cfg.batch_size * cfg.grad_accum
@@ -319,32 +361,63 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         total = min(total, cfg.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(cfg.warmup_steps, total))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    first = FirstOrderScores(optimizer) if needs_two_passes(cfg.mode) else None
+    first = None
+    if two_pass:
+        first = FirstOrderScores(optimizer, via_backward=parallel.kind == "fsdp",
+                                 average=average_tensors_ if parallel.average_by_hand(True) else None)
+    sharded = _format(cfg.distributed) == "sharded"
 
     step, history, train_seconds = 0, [], 0.0
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if sharded:
+            load_sharded(model, optimizer, str(out / saved["sharded_state"]))
+        else:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"], device)
+        rng = saved["rng"]
+        if isinstance(rng, list):  # one per rank
+            if len(rng) != parallel.world:
+                log(f"note: the run was saved by {len(rng)} ranks and resumes on {parallel.world}: dropout draws "
+                    "differ from an uninterrupted run")
+            rng = rng[parallel.rank % len(rng)]
+        _set_rng_state(rng, device)
         step, history, train_seconds = saved["step"], saved["history"], saved["train_seconds"]
-    out.mkdir(parents=True, exist_ok=True)
+    if parallel.main:
+        out.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
 
     def save_checkpoint() -> None:
-        atomic_save({
-            "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "step": step,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": _rng_state(device), "history": history,
-            "train_seconds": train_seconds, "rose_kernels": rose_kernels.__version__,
-        }, checkpoint_path)
+        rng = parallel.gather_objects(_rng_state(device))  # every rank's generators (its dropout draws)
+        meta = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "step": step,
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng if parallel.active else rng[0], "history": history, "train_seconds": train_seconds,
+                "rose_kernels": rose_kernels.__version__}
+        if sharded:
+            # Each rank writes its shard into a new directory; the metadata naming it replaces the old
+            # one atomically, and only then is the previous directory removed: a kill at any moment
+            # leaves a complete checkpoint.
+            name = f"state-step{step}"
+            save_sharded(model, optimizer, str(out / name))
+            parallel.barrier()
+            if parallel.main:
+                previous = torch.load(checkpoint_path, map_location="cpu", weights_only=False)["sharded_state"] \
+                    if checkpoint_path.exists() else None
+                atomic_save({**meta, "sharded_state": name}, checkpoint_path)
+                if previous and previous != name:
+                    shutil.rmtree(out / previous, ignore_errors=True)
+        elif parallel.main:
+            atomic_save({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint_path)
+        parallel.barrier()
 
     if saved is None:
         save_checkpoint()  # step 0: a run killed before its first save can still be resumed
 
     log(f"rose-train: {corpus.source}: {len(corpus.train)} train / {len(corpus.eval)} eval examples, "
         f"{len(corpus.labels)} labels; {sum(sizes.values()) / 1e6:.1f}M params; mode={cfg.mode} "
-        f"granularity={cfg.granularity} [{cfg.lower:g}, {cfg.upper:g}]; {total} steps of {per_step} on {device}; "
+        f"granularity={cfg.granularity} [{cfg.lower:g}, {cfg.upper:g}]; {total} steps of {per_step} on {device}"
+        f"{f' x {parallel.world} ranks ({parallel.kind})' if parallel.active else ''}; "
         f"backend={optimizer._backend_for([next(model.parameters())]).name}")
     bar = None
     if progress:
@@ -356,13 +429,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
     # optimizer.mask_stats() is read once: mask_stats is read at log points only, so the history
     # entries of the steps in between carry the kept fractions of the log point's step, named in
     # their "kept_at_step". The log points depend on the step number only, so a resumed run logs
-    # at the same steps (and writes the same history) as an uninterrupted one.
+    # at the same steps (and writes the same history) as an uninterrupted one. Under --distributed
+    # a log point is a collective (the losses are added over the ranks, the kept fractions too).
     pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, 0-d loss on the device), not yet logged
 
     def flush() -> None:
         if not pending:
             return
-        losses = torch.stack([loss for _, _, loss in pending]).tolist()  # the one device->host read of losses
+        losses = parallel.sum_(torch.stack([loss for _, _, loss in pending])).tolist()  # the one read of losses
         stats = optimizer.mask_stats()
         layers = layer_kept(stats, sizes)
         kept = sum(stats[n] * sizes[n] for n in stats) / max(1, sum(sizes[n] for n in stats)) if stats else 1.0
@@ -374,7 +448,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", kept=f"{kept:.3f}")
 
-    model.train()
+    net.train()
     while step < total:
         started = time.perf_counter()
         epoch, within = divmod(step, steps_per_epoch)
@@ -382,9 +456,14 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
         first_index = within * per_step
         micro = [order[first_index + a * cfg.batch_size: first_index + (a + 1) * cfg.batch_size].tolist()
                  for a in range(cfg.grad_accum)]
-        batches = [_batch_on(tokenizer, [corpus.train[i] for i in indices], cfg.max_length, device)
-                   for indices in micro if indices]
-        loss_sum = train_step(model, optimizer, scaler, first, batches, cfg)
+        # Under --distributed a micro-batch with fewer examples than ranks (the tail of an epoch) is
+        # left out: a rank without rows cannot take part in the collectives of the backward pass.
+        micro = [indices for indices in micro if len(indices) >= parallel.world]
+        count = sum(len(indices) for indices in micro)
+        batches = [_batch_on(tokenizer, [corpus.train[i] for i in parallel.rows(indices)], cfg.max_length, device)
+                   for indices in micro]
+        loss_sum = train_step(net, optimizer, scaler, first, batches, cfg, parallel, count) if batches else \
+            torch.zeros((), dtype=torch.float64, device=device)
         scheduler.step()
         step += 1
         pending.append((step, scheduler.get_last_lr()[0], loss_sum))  # the lr is a host number already
@@ -399,13 +478,20 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
     if bar is not None:
         bar.close()
 
+    state = full_model_state(model, parallel) if parallel.active else None  # a collective under fsdp
+    if not parallel.main:
+        return {}
+    if parallel.kind == "fsdp":
+        model, _ = load_model(cfg.model, len(corpus.labels), cfg.seed)
+        model.load_state_dict(state)
+        model.to(device)
     metrics = evaluate_run(cfg, model, tokenizer, corpus, adv_examples, log=log, progress=progress)
     metrics.update(steps=step, seconds_per_step=train_seconds / max(1, step), train_seconds=train_seconds,
                    config=dataclasses.asdict(cfg), rose_kernels=rose_kernels.__version__,
                    final_loss=history[-1]["loss"] if history else None,
                    final_kept=history[-1]["kept"] if history else None,
                    train_examples=len(corpus.train), eval_examples=len(corpus.eval), labels=corpus.labels,
-                   device=str(device), torch=torch.__version__)
+                   device=str(device), torch=torch.__version__, ranks=parallel.world)
     model_dir = out / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -59,16 +59,38 @@ def rose_losses(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, mode
 
 
 class FirstOrderScores:
-    """The KL gradients of the eligible parameters, summed over micro-batches, for one step."""
+    """The KL gradients of the eligible parameters, summed over micro-batches, for one step.
 
-    def __init__(self, optimizer: RoseAdamW):
+    ``via_backward``: take them with ``loss_kl.backward()`` (every ``.grad`` set aside meanwhile)
+    rather than ``torch.autograd.grad``: under FSDP2 the parameters the optimizer holds are the
+    shards, which only a backward pass (FSDP's reduce-scatter) gives gradients to.
+    ``average``: called on the buffers before they are recorded (the all-reduce under DDP, whose
+    own averaging covers one backward pass per forward)."""
+
+    def __init__(self, optimizer: RoseAdamW, *, via_backward: bool = False, average=None):
         self.optimizer = optimizer
         self.params = [p for g in optimizer.param_groups if g["rose"] for p in g["params"] if p.requires_grad]
+        self.all_params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self.via_backward = via_backward
+        self.average = average
         self.buffers: list[torch.Tensor | None] | None = None
+
+    def _gradients(self, loss_kl: torch.Tensor):
+        if not self.via_backward:
+            return torch.autograd.grad(loss_kl, self.params, retain_graph=True, allow_unused=True)
+        saved = [p.grad for p in self.all_params]
+        for p in self.all_params:
+            p.grad = None
+        try:
+            loss_kl.backward(retain_graph=True)
+            return [p.grad for p in self.params]
+        finally:
+            for p, g in zip(self.all_params, saved, strict=True):
+                p.grad = g
 
     def add(self, loss_kl: torch.Tensor) -> None:
         """Accumulates d loss_kl / d params, keeping the graph for the task loss's backward."""
-        grads = torch.autograd.grad(loss_kl, self.params, retain_graph=True, allow_unused=True)
+        grads = self._gradients(loss_kl)
         if self.buffers is None:
             self.buffers = [None if g is None else g.detach() for g in grads]
             return
@@ -90,6 +112,8 @@ class FirstOrderScores:
         """
         if self.buffers is None:
             raise RuntimeError("FirstOrderScores.record(): no KL gradient was added for this step")
+        if self.average is not None:
+            self.average([g for g in self.buffers if g is not None])
         if scaler is not None and scaler.is_enabled():
             self._unscale(scaler)
         saved = [p.grad for p in self.params]
