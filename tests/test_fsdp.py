@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_distributed import CONFIGS, _batches, _losses
 
+import rose_kernels.ops
 from rose_kernels import RoseAdamW, reference
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -187,9 +188,15 @@ def _quantiles_of(grads, moments, scales, pooled, q_lo, q_hi, global_pool, secon
     return [(reference.quantile(p, q_lo), reference.quantile(p, q_hi), p.numel()) for p in pools]
 
 
-SELECT_SETTINGS = [(q_lo, q_hi, global_pool, second)
+# (q_lo, q_hi, global pool, second order, every tensor pooled but one / none pooled)
+SELECT_SETTINGS = [(q_lo, q_hi, global_pool, second, True)
                    for q_lo, q_hi in ((0.0, 0.6), (0.1, 0.7), (0.0, 1.0), (0.33, 0.33))
                    for global_pool in (False, True) for second in (False, True)]
+SELECT_SETTINGS += [(0.0, 0.6, False, True, False), (0.0, 0.6, True, False, False)]
+
+
+def _pooled(count: int, some: bool) -> list[bool]:
+    return [some and k != 1 for k in range(count)]  # tensor 1 in warm-up
 
 
 def _shard_rows(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -207,13 +214,13 @@ def _select_worker(rank: int, world: int, store_path: str, out_dir: str, seed: i
         out = []
         for grads, moments in _pool_cases(seed):
             scales = [0.1 + 0.05 * i for i in range(len(grads))]
-            pooled = torch.tensor([i != 1 for i in range(len(grads))])  # one tensor in warm-up
-            for q_lo, q_hi, global_pool, second in SELECT_SETTINGS:
+            for q_lo, q_hi, global_pool, second, some in SELECT_SETTINGS:
+                pooled = torch.tensor(_pooled(len(grads), some))
                 sharding = ShardedStep(dist.group.WORLD, tuple(g.numel() for g in grads))
                 table = sharding.element_thresholds(
-                    [_shard_rows(g, rank, world) for g in grads],
+                    rose_kernels.ops.element_thresholds, [_shard_rows(g, rank, world) for g in grads],
                     [_shard_rows(m, rank, world) for m in moments] if second else [],
-                    scales, pooled, q_lo, q_hi, global_pool)
+                    torch.tensor(scales, dtype=torch.float64), pooled, q_lo, q_hi, global_pool)
                 out.append({"table": table.tolist(), "collectives": sharding.collectives})
         with open(os.path.join(out_dir, f"select{rank}.json"), "w") as f:
             json.dump(out, f)
@@ -229,16 +236,16 @@ def test_sharded_select_is_exact(seed, tmp_path, world):
     i = 0
     for grads, moments in _pool_cases(seed):
         scales = [0.1 + 0.05 * k for k in range(len(grads))]
-        pooled = [k != 1 for k in range(len(grads))]
         wide = any(g.dtype == torch.float64 for g in grads)
-        for q_lo, q_hi, global_pool, second in SELECT_SETTINGS:
+        for q_lo, q_hi, global_pool, second, some in SELECT_SETTINGS:
+            pooled = _pooled(len(grads), some)
             want = _quantiles_of(grads, moments, scales, pooled, q_lo, q_hi, global_pool, second)
             msg = f"seed={seed} world={world} dtypes={[g.dtype for g in grads]} q=({q_lo}, {q_hi}) " \
                   f"global={global_pool} second={second}"
             for r in range(world):
                 got = ranks[r][i]
                 assert got == ranks[0][i], f"{msg}: ranks disagree"
-                assert got["collectives"] == (8 if wide else 4), msg
+                assert got["collectives"] == ((5 if wide else 3) if some else 1), msg
                 for row, (lo, hi, count) in zip(got["table"], want, strict=True):
                     same = [(a == b) or (a != a and b != b) for a, b in ((row[0], lo), (row[1], hi))]
                     assert all(same) and row[2] == count and row[3] == 0, f"{msg}: {row[:4]} vs {(lo, hi, count)}"
@@ -269,7 +276,9 @@ def _nonfinite_worker(rank: int, world: int, store_path: str, out_dir: str) -> N
             if rank == 1:
                 {"pooled": g[0], "unpooled": g[1], "moment": m[0]}[where][2] = float("nan")
             sharding = ShardedStep(dist.group.WORLD, (8, 8))
-            table = sharding.element_thresholds(g, m, [0.1, 0.1], torch.tensor([True, False]), 0.0, 0.6, False)
+            table = sharding.element_thresholds(rose_kernels.ops.element_thresholds, g, m,
+                                                torch.tensor([0.1, 0.1], dtype=torch.float64),
+                                                torch.tensor([True, False]), 0.0, 0.6, False)
             flags.append(table[0, 3].item())
         steps = []
         for cfg in (dict(mode="off"), dict(mode="second"), dict(mode="second", granularity="element"),

@@ -598,3 +598,20 @@ def test_distributed_without_torchrun_and_a_mismatched_resume_fail_clearly(tiny_
     code, _, err = run_cli(cli.train_main, ["--resume", "--output-dir", str(out), "--distributed", "fsdp"], capsys)
     assert code == 2 and "saved with --distributed none" in err, err
     assert not dist.is_initialized()
+
+
+@needs_gloo
+def test_rose_trainer_under_torchrun_with_ddp_keeps_the_ranks_identical(tiny_model, files, tmp_path):
+    """Ensemble ROSE through the transformers Trainer's DDP: the KL gradients are averaged over the
+    ranks before they are recorded, so both ranks keep the same masks and end with the same weights
+    (without that averaging each rank masks its own batch's scores and the weights drift apart)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "tests" / "rose_trainer_ddp_job.py"), str(tiny_model), str(files["train"]), str(tmp_path),
+               "ensemble"]
+    done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["kept"] == ranks[1]["kept"] and any(v < 1.0 for v in ranks[0]["kept"].values())
+    assert ranks[0]["params"] == ranks[1]["params"]

@@ -232,7 +232,8 @@ class FusedBackend:
         global_pool = cfg.scope == "global"
         guesses = _guesses(workspace, "first", 1 if global_pool else n, device)
         if sharding is not None:
-            thresholds = sharding.element_thresholds(kl_grads, [], None, scored, q_lo, q_hi, global_pool)
+            thresholds = sharding.element_thresholds(ops.element_thresholds, kl_grads, [], ones, scored, q_lo, q_hi,
+                                                     global_pool)
         else:
             thresholds = ops.element_thresholds(kl_grads, [], ones, scored, q_lo, q_hi, global_pool, guesses)
         nonfinite = thresholds[0, 3] != 0
@@ -292,7 +293,7 @@ class FusedBackend:
             global_pool = cfg.scope == "global"
             guesses = _guesses(batch.workspace, "second", 1 if global_pool else n, device)
             if sharding is not None:
-                thresholds = sharding.element_thresholds(batch.grads, batch.exp_avgs, [h.scale for h in hypers],
+                thresholds = sharding.element_thresholds(ops.element_thresholds, batch.grads, batch.exp_avgs, scales,
                                                          pooled, q_lo, q_hi, global_pool)
             else:
                 thresholds = ops.element_thresholds(batch.grads, batch.exp_avgs, scales, pooled, q_lo, q_hi,

@@ -9,11 +9,12 @@ on every rank (so are the masks):
   one all-reduce of the per-tensor sums (``2 n`` floats for ``second``, ``n`` otherwise). A
   non-finite value anywhere makes its sum non-finite on every rank, so the skip is global too;
 - element granularity: each pool's exact quantiles over all shards, by an MSD radix select on the
-  scores' integer keys (non-negative floats order like their bit patterns) whose 8-bit digit
-  histograms are all-reduced at each pass: integer counts, so the thresholds are bit-identical to
-  those of the unsharded pool. Each rank reads only its shard; one pass per key byte (4 for
-  float32 scores, 8 for float64), each one all-reduce of ``pools x 4 x 256`` int64 counts; the
-  first pass also carries the non-finite flag;
+  scores' integer keys (non-negative floats order like their bit patterns) whose digit histograms
+  are all-reduced at each pass: integer counts, so the thresholds are bit-identical to those of
+  the unsharded pool. Each rank reads its shard once; later passes read only the keys inside the
+  buckets of the four wanted order statistics. 3 passes for float32 scores (digits of 12, 10 and
+  9 bits), 5 for float64 (15, then 4 x 12), each one all-reduce; the first also carries the
+  non-finite flag. Per pool (float32): 4096 int64 counts, then 4 x 1024 and 4 x 512;
 - kept fractions: the update returns each shard's sum of mask values; they are added over the
   ranks when :meth:`RoseAdamW.mask_stats` is called (a collective call under sharding).
 
@@ -25,6 +26,7 @@ the update stay in the kernels, which receive the global thresholds.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -33,20 +35,25 @@ from rose_kernels.backends.fused import interpolate, quantile_ranks
 from rose_kernels.ops import THRESHOLD_COLUMNS
 from rose_kernels.reference import first_order_element_scores, opmath_dtype, second_order_element_scores
 
-RADIX_BITS = 8
-_BINS = 1 << RADIX_BITS
+# Digit widths of the radix select, from the bit below the sign bit down (31 bits of a float32 key,
+# 63 of a float64 one). The first digit holds the exponent and the top mantissa bits (1/16 octave
+# for float32, 1/16 for float64), so that the four buckets holding the wanted order statistics
+# hold a few percent of a pool of gradient-like scores: only those are read again. The later
+# digits take the rest in as few passes (all-reduces) as keep each histogram at 4 x 1024 counts.
+DIGITS = {False: (12, 10, 9), True: (15, 12, 12, 12, 12)}
 _TARGETS = 4  # order statistics per pool: x_k and x_{k+1} of the lower and of the upper threshold
 
 
 def _keys(scores: torch.Tensor, wide: bool) -> torch.Tensor:
-    """int64 keys ordered like the non-negative float ``scores`` (``wide``: as float64 bit patterns)."""
+    """Integer keys ordered like the non-negative float ``scores``: their float32 bit patterns as
+    int32, or (``wide``) their float64 ones as int64."""
     if wide:
         return scores.to(torch.float64).view(torch.int64)
-    return scores.to(torch.float32).view(torch.int32).to(torch.int64)
+    return scores.to(torch.float32).view(torch.int32)
 
 
 def _values(keys: torch.Tensor, wide: bool) -> torch.Tensor:
-    """float64 values of int64 ``keys`` made by :func:`_keys`."""
+    """float64 values of (int64) ``keys`` made by :func:`_keys`."""
     if wide:
         return keys.view(torch.float64)
     return keys.to(torch.int32).view(torch.float32).to(torch.float64)
@@ -76,92 +83,125 @@ class ShardedStep:
 
     # ---- element granularity: exact thresholds over the shards ------------------------------
 
-    def element_thresholds(self, a: list[torch.Tensor], b: list[torch.Tensor], scales: list[float] | None,
+    def element_thresholds(self, local_op, a: list[torch.Tensor], b: list[torch.Tensor], scales: torch.Tensor,
                            pooled: torch.Tensor, q_lo: float, q_hi: float, global_pool: bool) -> torch.Tensor:
         """``element_thresholds`` (same arguments, same ``[pools, 5]`` result) over the whole tensors.
 
+        ``local_op``: the backend's ``element_thresholds``, run on the shards for the finiteness
+        check (exactly one process's check: every gradient, and the moments of pooled tensors);
         ``a``/``b``: local shards of the gradients and moments (``b`` empty: first-order scores
-        ``|a|``); ``scales``: the second-order ``c`` per tensor as floats."""
+        ``|a|``)."""
         device = a[0].device if a else pooled.device
+        # Tensor pools here: the op refuses a float64 tensor in one global pool with float32 ones.
+        nonfinite = local_op(a, b, scales, pooled, q_lo, q_hi, False)[0, 3].to(torch.int64)
         pooled_host = pooled.tolist()
-        nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        per_tensor: list[torch.Tensor | None] = []
-        for i, g in enumerate(a):
-            bad = ~torch.isfinite(g).all()
-            if not pooled_host[i]:
-                nonfinite |= bad
-                per_tensor.append(None)
-                continue
-            if b:
-                bad |= ~torch.isfinite(b[i]).all()
-                scores, defined = second_order_element_scores(g.reshape(-1), b[i].reshape(-1), scales[i])
-                scores = scores[defined]
-            else:
-                scores = first_order_element_scores(g.reshape(-1))
-            nonfinite |= bad
-            per_tensor.append(scores)
+        scales_host = scales.tolist()
         wide = any(opmath_dtype(t.dtype) == torch.float64 for t, p in zip(a, pooled_host, strict=True) if p)
-        if global_pool:
+        per_tensor: list[torch.Tensor | None] = [None] * len(a)
+        if not bool(nonfinite):  # else every rank skips the step: the counts need not be right
+            for i, g in enumerate(a):
+                if pooled_host[i] and b:
+                    scores, defined = second_order_element_scores(g.reshape(-1), b[i].reshape(-1), scales_host[i])
+                    # NaN for "undefined": its key sorts above +inf's, in a first-digit bucket that
+                    # the select leaves out (cheaper than compacting the defined scores)
+                    per_tensor[i] = scores.masked_fill_(defined.logical_not_(), math.nan)
+                elif pooled_host[i]:
+                    per_tensor[i] = first_order_element_scores(g.reshape(-1))
+        empty = torch.empty(0, dtype=torch.float64 if wide else torch.float32, device=device)
+        rows = [i for i, p in enumerate(pooled_host) if p]  # pools that have scores (the same on every rank)
+        if global_pool and not rows:
+            pools, sizes = [], []
+        elif global_pool:
             present = [s for s in per_tensor if s is not None]
-            pools = [_keys(torch.cat(present) if present else torch.empty(0, device=device), wide)]
+            pools = [_keys(torch.cat([s.to(empty.dtype) for s in present]) if present else empty, wide)]
+            sizes = [sum(self.numels[i] for i in rows)]
         else:
-            pools = [_keys(s, wide) if s is not None else torch.empty(0, dtype=torch.int64, device=device)
-                     for s in per_tensor]
-        lower, upper, count, flag = self._select(pools, wide, q_lo, q_hi, nonfinite, device)
-        table = torch.empty((len(pools), len(THRESHOLD_COLUMNS)), dtype=torch.float64, device=device)
-        table[:, 0], table[:, 1], table[:, 2] = lower, upper, count.to(torch.float64)
+            pools = [_keys(per_tensor[i] if per_tensor[i] is not None else empty, wide) for i in rows]
+            sizes = [self.numels[i] for i in rows]
+        counts_dtype = torch.int32 if max(sizes, default=0) < 2**31 else torch.int64  # half the bytes when safe
+        lower, upper, count, flag = self._select(pools, wide, q_lo, q_hi, nonfinite, device, counts_dtype)
+        table = torch.full((1 if global_pool else len(a), len(THRESHOLD_COLUMNS)), math.nan, dtype=torch.float64,
+                           device=device)
+        table[:, 2] = 0.0  # an unpooled tensor: an empty pool
+        where = slice(None) if global_pool else torch.tensor(rows, dtype=torch.int64, device=device)
+        if pools:
+            table[where, 0], table[where, 1], table[where, 2] = lower, upper, count.to(torch.float64)
         table[:, 3] = flag.to(torch.float64)
         table[:, 4] = 1.0  # each shard is read once, whatever the pass count: later passes read candidates
         return table
 
     def _select(self, pools: list[torch.Tensor], wide: bool, q_lo: float, q_hi: float, nonfinite: torch.Tensor,
-                device: torch.device):
-        """Exact ``q_lo``/``q_hi`` quantiles of every pool (int64 keys, local part) over all ranks."""
+                device: torch.device, counts_dtype: torch.dtype):
+        """Exact ``q_lo``/``q_hi`` quantiles of every pool (int keys, local part) over all ranks."""
         count_pools = len(pools)
-        bits = 64 if wide else 32
-        # Pass 1: the top digit of every key, and the non-finite flag, in one all-reduce.
-        first = torch.zeros(count_pools * _BINS + 1, dtype=torch.int64, device=device)
-        shift = bits - RADIX_BITS
+        widths = DIGITS[wide]
+        top = 63 if wide else 31  # the bits below the sign bit, which a non-negative score leaves 0
+        # Pass 1: the top digit of every key, and the non-finite flag, in one all-reduce. The digits
+        # are kept: the first compaction is a table lookup on them.
+        bins = 1 << widths[0]
+        shift = top - widths[0]
+        first = torch.zeros(count_pools * bins + 1, dtype=counts_dtype, device=device)
+        first_digits = []
         for p, keys in enumerate(pools):
+            digits = keys >> shift  # non-negative: the scores are finite or +inf (else no key was made)
+            first_digits.append(digits)
             if keys.numel():
-                first[p * _BINS:(p + 1) * _BINS] += torch.bincount((keys >> shift) & (_BINS - 1), minlength=_BINS)
+                first[p * bins:(p + 1) * bins] = torch.bincount(digits, minlength=bins)
         first[-1] = nonfinite
         self.all_reduce_sum_(first)
         flag = first[-1] > 0
-        histogram = first[:-1].view(count_pools, 1, _BINS).expand(count_pools, _TARGETS, _BINS)
-        n = histogram[:, 0].sum(1)
+        if not count_pools:  # nothing pooled (on every rank alike): the flag was all there was to add
+            nothing = torch.empty(0, dtype=torch.float64, device=device)
+            return nothing, nothing, nothing, flag
+        undefined = int(_keys(torch.tensor([math.nan]), wide)[0]) >> shift  # the first bucket of NaN keys
+        histogram = first[:-1].view(count_pools, bins)
+        histogram[:, undefined:] = 0
+        histogram = histogram.view(count_pools, 1, bins).expand(count_pools, _TARGETS, bins)
+        n = histogram[:, 0].sum(1, dtype=torch.int64)
         ranks = []
         positions = []
         for q in (q_lo, q_hi):
             r, k, k1 = quantile_ranks(n, q)
             positions.append((r, k))
             ranks.extend((k, k1))
-        remaining = torch.stack(ranks, dim=1)  # [pools, 4]: rank of each target within its bucket
+        remaining = torch.stack(ranks, dim=1).reshape(count_pools, _TARGETS)  # rank of each target in its bucket
         prefix = torch.zeros_like(remaining)  # [pools, 4]: the target's key bits found so far
-        slots = torch.arange(_TARGETS, device=device) * _BINS
-        for done in range(RADIX_BITS, bits + 1, RADIX_BITS):
+        consumed = 0
+        for j, width in enumerate(widths):
+            bins = 1 << width
             cumulative = histogram.cumsum(2)
-            digit = torch.searchsorted(cumulative, remaining.unsqueeze(2), right=True).squeeze(2).clamp(max=_BINS - 1)
+            digit = torch.searchsorted(cumulative, remaining.unsqueeze(2), right=True).squeeze(2).clamp(max=bins - 1)
             below = torch.where(digit > 0, cumulative.gather(2, (digit - 1).clamp(min=0).unsqueeze(2)).squeeze(2), 0)
             remaining = remaining - below
-            prefix = (prefix << RADIX_BITS) | digit
-            if done == bits:
+            prefix = (prefix << width) | digit
+            consumed += width
+            if j == len(widths) - 1:
                 break
             # Next pass: the following digit of the keys inside each target's bucket.
-            counts = torch.zeros(count_pools, _TARGETS * _BINS, dtype=torch.int64, device=device)
-            shift = bits - done
+            next_bins = 1 << widths[j + 1]
+            shift = top - consumed - widths[j + 1]
+            slots = torch.arange(_TARGETS, device=device) * next_bins
+            counts = torch.zeros(count_pools, _TARGETS * next_bins, dtype=counts_dtype, device=device)
             for p, keys in enumerate(pools):
                 if not keys.numel():
                     continue
-                match = (keys >> shift).unsqueeze(1) == prefix[p].unsqueeze(0)  # [keys, 4]
-                inside = match.any(1)
-                keys, match = keys[inside], match[inside]
+                if j == 0:  # from the whole shard to the keys of (at most) four first-digit buckets
+                    digits, inside = first_digits[p], None
+                    for wanted in set(prefix[p].tolist()):  # comparisons: 9x faster than a table lookup
+                        inside = digits == wanted if inside is None else inside.logical_or_(digits == wanted)
+                    keys = keys[inside]
+                    first_digits[p] = None
+                    match = (keys >> (top - consumed)).unsqueeze(1) == prefix[p].unsqueeze(0)  # [keys, 4]
+                else:
+                    match = (keys >> (top - consumed)).unsqueeze(1) == prefix[p].unsqueeze(0)
+                    inside = match.any(1)
+                    keys, match = keys[inside], match[inside]
                 pools[p] = keys  # only candidates are read again
                 if keys.numel():
-                    digits = ((keys >> (shift - RADIX_BITS)) & (_BINS - 1)).unsqueeze(1) + slots.unsqueeze(0)
-                    counts[p] = torch.bincount(digits[match], minlength=_TARGETS * _BINS)
+                    digits = ((keys >> shift) & (next_bins - 1)).unsqueeze(1) + slots.unsqueeze(0)
+                    counts[p] = torch.bincount(digits[match], minlength=_TARGETS * next_bins)
             self.all_reduce_sum_(counts)
-            histogram = counts.view(count_pools, _TARGETS, _BINS)
+            histogram = counts.view(count_pools, _TARGETS, next_bins)
         order_statistics = _values(prefix, wide)  # [pools, 4]
         (r_lo, k_lo), (r_hi, k_hi) = positions
         lower = interpolate(order_statistics[:, 0], order_statistics[:, 1], r_lo, k_lo, n)

@@ -7,13 +7,20 @@ LayerNorm), built from the TrainingArguments' lr, betas, eps and weight decay; i
 ``ensemble`` modes the training step runs two dropout passes, keeps the KL gradients aside (summed
 over gradient-accumulation micro-batches) and records them right before each optimizer step.
 Clipping, schedulers, mixed precision and logging stay the Trainer's own.
+
+Under ``torchrun`` with DDP the Trainer's DDP averages the task gradients; the KL gradients, taken
+aside with ``torch.autograd.grad``, are averaged here over the ranks before they are recorded (and
+the KL divergence, a sum over the batch, is weighted by the number of ranks), so every rank records
+the scores of the global batch and keeps the same masks.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 
+from rose_kernels.distributed import average_tensors_
 from rose_kernels.groups import rose_param_groups
 from rose_kernels.optim import RoseAdamW
 from rose_kernels.train.step import FirstOrderScores, needs_two_passes, rose_losses
@@ -38,7 +45,8 @@ class RoseTrainer(Trainer):
                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **self.rose_options,
             )
         if needs_two_passes(self.rose_options["mode"]) and self._first is None:
-            self._first = FirstOrderScores(self.optimizer)
+            distributed = self.args.world_size > 1 and dist.is_available() and dist.is_initialized()
+            self._first = FirstOrderScores(self.optimizer, average=average_tensors_ if distributed else None)
             self.optimizer.register_step_pre_hook(self._record_first_order)
         return self.optimizer
 
@@ -63,6 +71,7 @@ class RoseTrainer(Trainer):
         with self.compute_loss_context_manager():
             loss, loss_kl, _ = rose_losses(model, inputs, labels, self.rose_options["mode"])
         loss = loss / self.current_gradient_accumulation_steps
-        self._first.add(loss_kl)
+        world = self.args.world_size
+        self._first.add(loss_kl * world if world > 1 else loss_kl)
         self.accelerator.backward(loss)
         return loss.detach()
