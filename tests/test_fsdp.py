@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import CONFIGS, _batches, _losses
+from test_distributed import CONFIGS, STEPS, _batches, _losses
 
 import rose_kernels.ops
 from rose_kernels import RoseAdamW, reference
@@ -75,9 +75,36 @@ def _optimizer(model, cfg):
     return RoseAdamW(groups, lr=5e-2, lower=10.0, upper=70.0, weight_decay=0.01, **cfg)
 
 
-def _train(model, opt, batches, cfg, rank=0, world=1):
+class _Collectives:
+    """Counts the all-reduces issued inside ``with self.counting(name):``, per name."""
+
+    def __init__(self):
+        self.counts: dict[str, list[int]] = {"record": [], "step": []}
+
+    def counting(self, name: str):
+        counts, original = self.counts[name], dist.all_reduce
+
+        class _Scope:
+            def __enter__(self):
+                counts.append(0)
+
+                def counted(*args, **kwargs):
+                    counts[-1] += 1
+                    return original(*args, **kwargs)
+
+                dist.all_reduce = counted
+
+            def __exit__(self, *exc):
+                dist.all_reduce = original
+                return False
+
+        return _Scope()
+
+
+def _train(model, opt, batches, cfg, rank=0, world=1, collectives: _Collectives | None = None):
     """ROSE steps on ``batches``; each rank takes its rows. FSDP2 reduce-scatters (averages) the
     gradients of every backward pass, the KL pass's included, so no explicit averaging is needed."""
+    collectives = collectives or _Collectives()
     kept = []
     for x, y, noise in batches:
         rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -86,10 +113,12 @@ def _train(model, opt, batches, cfg, rank=0, world=1):
         loss, kl = _losses(model, x, y, noise)
         if cfg["mode"] in ("first", "ensemble"):
             kl.backward(retain_graph=True)
-            opt.record_first_order()
+            with collectives.counting("record"):
+                opt.record_first_order()
             opt.zero_grad()
         loss.backward()
-        opt.step()
+        with collectives.counting("step"):
+            opt.step()
         kept.append(opt.mask_stats())  # a collective under sharding: every rank calls it
     return kept
 
@@ -124,8 +153,9 @@ def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str, seed: int
         for cfg in CONFIGS:
             model = _shard(_model(seed), mesh)
             opt = _optimizer(model, cfg)
-            kept = _train(model, opt, _batches(seed), cfg, rank, world)
-            results.append({"cfg": cfg, "params": _full(model), "kept": kept})
+            collectives = _Collectives()
+            kept = _train(model, opt, _batches(seed), cfg, rank, world, collectives)
+            results.append({"cfg": cfg, "params": _full(model), "kept": kept, "collectives": collectives.counts})
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.barrier()  # no rank leaves while another still talks to it (gloo aborts then)
@@ -141,6 +171,13 @@ def test_fsdp2_matches_one_process(seed, tmp_path):
         for r in range(WORLD):
             assert ranks[r][i]["cfg"] == cfg
             _compare(ranks[r][i], params, kept, f"seed={seed} rank {r} {cfg}")
+        # What ROSE adds per step: one all-reduce of the per-tensor sums at tensor granularity; one
+        # per radix pass (5 for float64 scores) at element granularity, for each order's selection.
+        two_pass = cfg["mode"] in ("first", "ensemble")
+        element = cfg["granularity"] == "element"
+        want = {"record": [5 if element else 1] * STEPS if two_pass else [],
+                "step": [5 if element and cfg["mode"] != "first" else 1] * STEPS}
+        assert ranks[0][i]["collectives"] == want, f"{cfg}: {ranks[0][i]['collectives']} all-reduces, not {want}"
 
 
 # ---- the sharded select alone: thresholds bit-identical to the whole pools ---------------------
