@@ -193,6 +193,8 @@ class RoseAdamW(Optimizer):
         self._kept_values: list[float] | torch.Tensor = []
         self._kept_sharding = None  # sharded parameters: _kept_values are this shard's sums
         self._exp_avg_sumsq: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
+        # ||grad||^2 from rose_kernels.clip_grad_norm_, for the next step only (clip.py).
+        self._grad_sumsq: dict[torch.Tensor, tuple[weakref.ref, int, Any]] = {}
         super().__init__(params, defaults)
 
     # -- construction -------------------------------------------------------------------------
@@ -448,6 +450,9 @@ class RoseAdamW(Optimizer):
         batch.exp_avg_sumsq = [
             self._cached_exp_avg_sumsq(p, m) for p, m in zip(owners, batch.exp_avgs, strict=True)
         ]
+        if self._grad_sumsq:
+            batch.grad_sumsq = [self._given_grad_sumsq(p) for p in owners]
+            self._grad_sumsq = {}  # for this step only
 
         backend = self._backend_for(batch.params)
         self._check_sharding_support(backend, batch.sharding)
@@ -495,6 +500,24 @@ class RoseAdamW(Optimizer):
         for t in tensors:
             if isinstance(t, torch.Tensor) and not any(t is held for held in self._graph_keepalive):
                 self._graph_keepalive.append(t)
+
+    def _take_grad_sumsq(self, params: list[torch.Tensor], sums: torch.Tensor) -> None:
+        """Called by rose_kernels.clip_grad_norm_: ``sums[i]`` is ``||params[i].grad||^2`` as it is now."""
+        values = sums.tolist() if sums.device.type == "cpu" else list(sums.unbind())
+        self._grad_sumsq = {p: (weakref.ref(p.grad), p.grad._version, v) for p, v in zip(params, values, strict=True)}
+
+    def _given_grad_sumsq(self, p: torch.Tensor):
+        entry = self._grad_sumsq.get(p)
+        if entry is None:
+            return None
+        ref, version, value = entry
+        if ref() is not p.grad or p.grad._version != version:
+            return None  # replaced or changed in place since it was clipped: the step reads it
+        return value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_sumsq = {}
+        super().zero_grad(set_to_none)
 
     def _cached_exp_avg_sumsq(self, p: torch.Tensor, exp_avg: torch.Tensor) -> float | None:
         entry = self._exp_avg_sumsq.get(p)

@@ -63,6 +63,10 @@ class StepBatch:
     # Per parameter: sum of squares of exp_avg if a backend cached it at the end of the last step
     # (a float, or a 0-d device tensor for device-resident backends).
     exp_avg_sumsq: list[Any] | None = None
+    # Per parameter: ||grad||^2 handed over by rose_kernels.clip_grad_norm_ for this step (a float,
+    # or a 0-d device tensor), or None; when every entry is set, the step does not read the
+    # gradients for the finiteness check and the tensor second-order score.
+    grad_sumsq: list[Any] | None = None
     # Device-resident backends: the non-finite flag of the recorded first-order scores (0-d bool).
     first_order_nonfinite: torch.Tensor | None = None
     # The optimizer's scratch space for the backend, kept across steps (never part of results).

@@ -428,7 +428,14 @@ def test_rose_trainer_runs_the_rose_step(tiny_model, files, tmp_path, mode):
     trainer = RoseTrainer(model=model, args=args, train_dataset=Rows(),
                           data_collator=transformers.DataCollatorWithPadding(tokenizer), rose_mode=mode,
                           rose_upper=50.0)
-    trainer.train()
+    hand_offs = []
+    real = RoseAdamW._take_grad_sumsq
+    RoseAdamW._take_grad_sumsq = lambda self, params, sums: (hand_offs.append(len(params)), real(self, params, sums))
+    try:
+        trainer.train()
+    finally:
+        RoseAdamW._take_grad_sumsq = real
+    assert len(hand_offs) == 3, "the Trainer's clipping hands its sums to every step"
     assert isinstance(trainer.optimizer, RoseAdamW) or isinstance(trainer.optimizer.optimizer, RoseAdamW)
     rose = trainer.optimizer if isinstance(trainer.optimizer, RoseAdamW) else trainer.optimizer.optimizer
     stats = rose.mask_stats()

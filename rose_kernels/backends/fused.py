@@ -302,7 +302,15 @@ class FusedBackend:
             bounds = thresholds[:, :2].expand(n, 2)
             lower, upper = bounds[:, 0], bounds[:, 1]
         else:
-            grad_sums = ops.sumsq(batch.grads)
+            given = batch.grad_sumsq
+            if given is not None and given and all(v is not None for v in given):
+                # Handed over by clip_grad_norm_, which read the gradients just before: not read again.
+                grad_sums = (torch.tensor(given, dtype=torch.float64, device=device)
+                             if not any(isinstance(v, torch.Tensor) for v in given)
+                             else torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                                               for v in given]))
+            else:
+                grad_sums = ops.sumsq(batch.grads)
             m_sums = self._exp_avg_sums(batch, device) if uses_second else None
             if sharding is not None:  # the shards' partial sums, added up: one all-reduce
                 both = sharding.all_reduce_sum_(grad_sums if m_sums is None else torch.cat([grad_sums, m_sums]))

@@ -286,7 +286,9 @@ def train_step(model: torch.nn.Module, optimizer: RoseAdamW, scaler: torch.amp.G
     if first is not None:
         first.record(scaler)  # unscales the KL gradients; their overflow joins the scaler's inf checks
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        # One fused read for the clipping, which also gives the step its non-finite check and the
+        # tensor second-order ||g||^2 (rose_kernels/clip.py; torch's clipping for sharded gradients).
+        rose_kernels.clip_grad_norm_(model.parameters(), cfg.max_grad_norm, optimizer=optimizer)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

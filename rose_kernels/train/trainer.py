@@ -6,7 +6,9 @@ arguments): the optimizer becomes :class:`~rose_kernels.RoseAdamW` over
 LayerNorm), built from the TrainingArguments' lr, betas, eps and weight decay; in ``first`` and
 ``ensemble`` modes the training step runs two dropout passes, keeps the KL gradients aside (summed
 over gradient-accumulation micro-batches) and records them right before each optimizer step.
-Clipping, schedulers, mixed precision and logging stay the Trainer's own.
+Schedulers, mixed precision and logging stay the Trainer's own; the Trainer's gradient clipping
+runs through :func:`rose_kernels.clip_grad_norm_`, whose read of the gradients also serves the
+optimizer's step (its non-finite check and the tensor second-order norms).
 
 Under ``torchrun`` with DDP the Trainer's DDP averages the task gradients; the KL gradients, taken
 aside with ``torch.autograd.grad``, are averaged here over the ranks before they are recorded (and
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from rose_kernels.clip import clip_grad_norm_
 from rose_kernels.distributed import average_tensors_
 from rose_kernels.groups import rose_param_groups
 from rose_kernels.optim import RoseAdamW
@@ -35,6 +38,21 @@ class RoseTrainer(Trainer):
         self._first: FirstOrderScores | None = None
         self._first_since: int | None = None  # global step at which the KL buffers were started
         super().__init__(*args, **kwargs)
+        self._torch_clip = self.accelerator.clip_grad_norm_
+        self.accelerator.clip_grad_norm_ = self._rose_clip_grad_norm
+
+    def _rose_clip_grad_norm(self, parameters, max_norm, norm_type=2):
+        """The Trainer's clipping (Accelerator.clip_grad_norm_) with one fused read handed to RoseAdamW;
+        Accelerate's own for the engines that shard or own the gradients (FSDP, DeepSpeed)."""
+        from accelerate.utils import DistributedType
+
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                      DistributedType.MULTI_CPU)
+        if not plain or not isinstance(optimizer, RoseAdamW):
+            return self._torch_clip(parameters, max_norm, norm_type)
+        self.accelerator.unscale_gradients()  # a no-op without fp16's GradScaler
+        return clip_grad_norm_(parameters, max_norm, norm_type, optimizer=optimizer)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
