@@ -622,3 +622,60 @@ def test_rose_trainer_under_torchrun_with_ddp_keeps_the_ranks_identical(tiny_mod
     assert ranks[0]["world"] == 2
     assert ranks[0]["kept"] == ranks[1]["kept"] and any(v < 1.0 for v in ranks[0]["kept"].values())
     assert ranks[0]["params"] == ranks[1]["params"]
+
+
+# ------------------------------------------------------------------------------------------------
+# rose-train --compare: modes side by side over seeds
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compare_trains_every_mode_and_seed_and_resumes_run_by_run(tiny_model, files, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = base_args(tiny_model, files, out, "--max-steps", "2", "--compare", "off,second", "--seeds", "2")
+    code, stdout, err = run_cli(cli.train_main, args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["modes"] == ["off", "second"] and report["seeds"] == [42, 43]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["off-seed42", "off-seed43", "second-seed42",
+                                                                   "second-seed43"]
+    # A run of the comparison is the plain rose-train run of that mode and seed.
+    single = tmp_path / "single"
+    assert run_cli(cli.train_main, base_args(tiny_model, files, single, "--max-steps", "2", "--mode", "second",
+                                             "--seed", "43"), capsys)[0] == 0
+    plain = json.loads((single / "metrics.json").read_text())
+    run = report["runs"]["second"][1]
+    assert run["seed"] == 43 and run["clean_accuracy"] == plain["clean_accuracy"]
+    assert run["attack"]["accuracy_under_attack"] == plain["attack"]["accuracy_under_attack"]
+    # The summary: mean, sample std and values over the seeds, the difference of means to off.
+    clean = report["summary"]["second"]["clean_accuracy"]
+    values = [r["clean_accuracy"] for r in report["runs"]["second"]]
+    assert clean["values"] == values and clean["mean"] == pytest.approx(sum(values) / 2)
+    assert clean["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    off_mean = report["summary"]["off"]["clean_accuracy"]["mean"]
+    assert clean["diff_to_off"] == pytest.approx(clean["mean"] - off_mean)
+    for key in ("accuracy_under_attack", "attack_success_rate", "queries_per_success", "words_changed_per_success",
+                "seconds_per_step", "final_kept"):
+        assert key in report["summary"]["second"], key
+    table = (out / "comparison.md").read_text()
+    assert "| clean accuracy |" in table and "| attack success rate |" in table and "± " in table
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+    assert "| metric | off | second |" in stdout
+
+    # Interrupted after one run lost its end: --resume reads the finished runs back and completes the other.
+    (out / "second-seed43" / "metrics.json").unlink()
+    (out / "comparison.json").unlink()
+    finished = (out / "off-seed42" / "metrics.json").stat().st_mtime_ns
+    code, stdout, err = run_cli(cli.train_main, [*args, "--resume"], capsys)
+    assert code == 0, err
+    assert (out / "off-seed42" / "metrics.json").stat().st_mtime_ns == finished
+    assert "off-seed42 is done" in stdout and "second-seed43: resuming" in stdout
+    again = json.loads((out / "comparison.json").read_text())
+    for mode in ("off", "second"):
+        for key in ("clean_accuracy", "accuracy_under_attack"):
+            assert again["summary"][mode][key]["values"] == report["summary"][mode][key]["values"], (mode, key)
+
+    code, _, err = run_cli(cli.train_main, args, capsys)
+    assert code == 2 and "already holds a comparison" in err
+    code, _, err = run_cli(cli.train_main, [*args[:-4], "--compare", "off,sideways", "--output-dir",
+                                            str(tmp_path / "bad")], capsys)
+    assert code == 2 and "--compare takes" in err and len(err.strip().splitlines()) == 1

@@ -69,6 +69,10 @@ class AttackConfig:
         return max(1, math.ceil(self.max_words * num_words - _BUDGET_SLACK))
 
 
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
 @dataclass
 class AttackOutcome:
     index: int  # position in the input list
@@ -113,6 +117,9 @@ class AttackResult:
             "examples": int(self.examples),
             "mean_queries": sum(o.queries for o in self.outcomes) / n if n else 0.0,
             "mean_words_changed": sum(o.words_changed for o in self.outcomes) / n if n else 0.0,
+            # per successful attack: what it took to flip a prediction (0.0 when none succeeded)
+            "queries_per_success": _mean([o.queries for o in self.outcomes if o.success]),
+            "words_changed_per_success": _mean([o.words_changed for o in self.outcomes if o.success]),
             "samples": samples,
         }
 

@@ -89,6 +89,11 @@ def train_parser() -> argparse.ArgumentParser:
                      help="data parallel over the processes torchrun starts (gloo on the CPU, nccl on CUDA): "
                           "ddp (DistributedDataParallel) or fsdp (FSDP2, sharded parameters and state)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp = p.add_argument_group("comparison")
+    cmp.add_argument("--compare", metavar="MODES",
+                     help="train each of these modes (e.g. off,second,ensemble) on the same data and seeds, and "
+                          "write comparison.{json,md,png} to --output-dir (one run per mode and seed below it)")
+    cmp.add_argument("--seeds", type=int, default=1, help="with --compare: seeds --seed, --seed + 1, ... (default 1)")
     return p
 
 
@@ -98,6 +103,14 @@ def _train(argv) -> None:
     args = train_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.compare is not None:
+        from rose_kernels.train.compare import compare, parse_modes
+
+        if args.seeds < 1:
+            raise TrainError(f"--seeds must be at least 1, got {args.seeds}")
+        compare(cfg, parse_modes(args.compare), [cfg.seed + k for k in range(args.seeds)],
+                progress=not args.no_progress)
+        return
     train(cfg, progress=not args.no_progress)
 
 
