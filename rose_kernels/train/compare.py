@@ -9,7 +9,7 @@ The comparison itself is written to ``OUTPUT_DIR``:
 - ``comparison.json``: every run's metrics, and per mode the mean, standard deviation (over seeds,
   n - 1 in the denominator) and values of each metric, with the difference of means to ``off``;
 - ``comparison.md``: the same as a table, each difference marked when it lies inside the seeds'
-  noise (smaller than the larger of the two modes' standard deviations, or a single seed);
+  noise (within two standard errors of the difference of the means, or a single seed);
 - ``comparison.png``: clean accuracy against accuracy under the attack, one point per seed.
 """
 
@@ -77,16 +77,21 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
                 base = modes["off"].get(key)
                 if base is None or mode == "off":
                     continue
-                spread = [s for s in (stats["std"], base["std"]) if s is not None]
                 stats["diff_to_off"] = stats["mean"] - base["mean"]
-                stats["inside_seed_noise"] = not spread or abs(stats["diff_to_off"]) <= max(spread)
+                if stats["std"] is None or base["std"] is None:
+                    stats["inside_seed_noise"] = True  # one seed: no measure of the noise at all
+                    continue
+                # Two standard errors of the difference of the means (Welch): about a 95% interval
+                # when the seeds' results are normal, wider in truth with only a few seeds.
+                error = math.sqrt(stats["std"] ** 2 / len(stats["values"]) + base["std"] ** 2 / len(base["values"]))
+                stats["inside_seed_noise"] = abs(stats["diff_to_off"]) <= 2 * error
     return modes
 
 
 def to_markdown(summary: dict, seeds: list[int]) -> str:
     modes = list(summary)
     lines = [f"mean ± std over seeds {', '.join(map(str, seeds))}; (difference to `off`; * inside the seeds' noise: "
-             "smaller than the larger standard deviation, or a single seed)", "",
+             "within two standard errors of the difference, or a single seed)", "",
              "| metric | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for key, label, _, _ in METRICS:
         if not any(key in summary[m] for m in modes):
