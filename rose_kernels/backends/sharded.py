@@ -68,12 +68,6 @@ class ShardedStep:
         self.collectives = 0  # all-reduces issued (read by tests and the communication report)
         self.bytes = 0  # payload bytes of those all-reduces
 
-    def subset(self, numels: tuple[int, ...]) -> ShardedStep:
-        """The same group for another list of parameters (the step and the record differ)."""
-        view = ShardedStep(self.group, numels)
-        view.collectives, view.bytes = self.collectives, self.bytes
-        return view
-
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Adds ``tensor`` over the ranks, in place (every rank then holds the same values)."""
         self.collectives += 1

@@ -124,7 +124,7 @@ def run(rounds: int, batch_size: int, max_length: int) -> dict:
     corpus = load_rotten_tomatoes()
     model, tokenizer = load_model(None, 2, seed=0)
     model.train()
-    # The longest training sentences, so that every batch is padded to max_length (the shape).
+    # The longest training sentences: every batch is padded to max_length (the shape of the targets).
     examples = sorted(corpus.train, key=lambda e: -len(e.text))[:batch_size]
     inputs, labels = batch_of(tokenizer, examples, max_length, torch.device("cpu"))
     loops = make_loops(model, inputs, labels)
