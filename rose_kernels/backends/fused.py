@@ -93,6 +93,13 @@ def _guesses(workspace: dict | None, order: str, pools: int, device: torch.devic
     return guesses
 
 
+def _column(values: list, device: torch.device) -> torch.Tensor:
+    """float64 ``[n]`` on ``device`` from per-tensor values: host floats (one copy) or 0-d tensors."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+
+
 def _keep_alive(workspace: dict | None, device: torch.device):
     """device_tables.keep_alive into the optimizer's list (one is made in a workspace that has none)."""
     sink = None if workspace is None else workspace.setdefault("graph_keepalive", [])
@@ -305,10 +312,7 @@ class FusedBackend:
             given = batch.grad_sumsq
             if given is not None and given and all(v is not None for v in given):
                 # Handed over by clip_grad_norm_, which read the gradients just before: not read again.
-                grad_sums = (torch.tensor(given, dtype=torch.float64, device=device)
-                             if not any(isinstance(v, torch.Tensor) for v in given)
-                             else torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                                               for v in given]))
+                grad_sums = _column(given, device)
             else:
                 grad_sums = ops.sumsq(batch.grads)
             m_sums = self._exp_avg_sums(batch, device) if uses_second else None
@@ -367,12 +371,7 @@ class FusedBackend:
         missing = [i for i, c in enumerate(cached) if c is None]
         computed = self.ops().sumsq([batch.exp_avgs[i] for i in missing]).unbind() if missing else ()
         fresh = dict(zip(missing, computed, strict=True))
-        if not missing and not any(isinstance(c, torch.Tensor) for c in cached):
-            m_sums = torch.tensor(cached, dtype=torch.float64, device=device)  # host floats (CPU)
-        else:
-            m_sums = torch.stack([fresh[i] if c is None else torch.as_tensor(c, dtype=torch.float64, device=device)
-                                  .reshape(()) for i, c in enumerate(cached)])
-        return m_sums
+        return _column([fresh[i] if c is None else c for i, c in enumerate(cached)], device)
 
     def _tensor_second_order(self, batch, cfg, pooled, grad_sums, m_sums, device) -> torch.Tensor:
         """Tensor-granularity second-order masks, float64 ``[n]`` (1 where undefined or not pooled)."""
