@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 
 from rose_kernels import backends
+from rose_kernels.optim import RoseAdamW
 
 
 def _sumsq_op(device: torch.device, backend_name: str):
-    backend = backends.resolve(backend_name, device)
-    return backend.ops().sumsq if hasattr(backend, "ops") else None
+    return backends.resolve(backend_name, device).sumsq_op()
 
 
 @torch.no_grad()
@@ -41,7 +41,8 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     grads = [p.grad for p in with_grads]
     devices = {g.device for g in grads}
     plain = all(type(g) is torch.Tensor and g.layout == torch.strided for g in grads)
-    op = _sumsq_op(grads[0].device, getattr(optimizer, "backend", "auto")) if plain and len(devices) == 1 else None
+    backend_name = optimizer.backend if isinstance(optimizer, RoseAdamW) else "auto"
+    op = _sumsq_op(grads[0].device, backend_name) if plain and len(devices) == 1 else None
     if float(norm_type) != 2.0 or op is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     sums = op([g if g.is_contiguous() else g.contiguous() for g in grads])  # float64 [n], one read
@@ -62,7 +63,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         by_dtype.setdefault(g.dtype, []).append(g)
     for dtype, group in by_dtype.items():
         torch._foreach_mul_(group, coef.to(dtype))
-    if optimizer is not None and hasattr(optimizer, "_take_grad_sumsq"):
+    if optimizer is not None and isinstance(optimizer, RoseAdamW):
         scaled = sums * coef.to(torch.float64).square()
-        optimizer._take_grad_sumsq(with_grads, scaled)
+        optimizer.offer_grad_sumsq(with_grads, scaled)
     return total_norm

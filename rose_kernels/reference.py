@@ -2,8 +2,8 @@
 
 Everything here is per tensor, loops in Python, sorts to find quantiles and allocates freely: it is
 slow on purpose, so that it can be read against the semantics line by line. Every backend is tested
-against it (float64 to ~1e-12, float32 to ~1e-6), and it is also the ``backend="reference"``
-fallback that runs anywhere torch runs.
+against it (float64 to ~1e-12, float32 to ~1e-6); ``rose_kernels.backends.reference`` drives it
+as the ``backend="reference"`` fallback that runs anywhere torch runs.
 
 Conventions shared with the kernels (so that masks agree bit for bit):
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rose_kernels.types import FirstOrderRecord, RoseConfig, StepBatch, StepResult
+from rose_kernels.dtypes import opmath_dtype
+from rose_kernels.types import RoseConfig
 
 __all__ = [
     "quantile",
@@ -29,14 +30,16 @@ __all__ = [
     "second_order_score",
     "second_order_tensor_score",
     "second_order_element_scores",
+    "first_order_tensor_score",
+    "first_order_element_scores",
     "masked_adamw_update",
-    "ReferenceBackend",
+    "Unit",
+    "pool_thresholds",
+    "select",
+    "combined_mask",
 ]
 
 
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The type scores, moments and arithmetic use for parameters of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def quantile(values: torch.Tensor, q: float) -> float:
@@ -152,127 +155,54 @@ def masked_adamw_update(
 
 
 @dataclass
-class _Unit:
-    index: int  # position in the batch
+class Unit:
+    """One parameter's place in a selection: its position, and its element scores (with where they
+    are defined) or its tensor score (None: undefined, not pooled)."""
+
+    index: int  # position in the step's parameter list
     scores: torch.Tensor | None  # element scores (element granularity)
     defined: torch.Tensor | None
     score: float | None  # tensor score (tensor granularity)
 
 
-def _pool_thresholds(values: list[torch.Tensor], cfg: RoseConfig) -> tuple[float, float]:
+def pool_thresholds(values: list[torch.Tensor], cfg: RoseConfig) -> tuple[float, float]:
+    """The ``lower`` and ``upper`` quantiles of one pool made of ``values`` (semantics.md section 3)."""
     pool = torch.cat([v.reshape(-1).to(torch.float64) for v in values]) if values else torch.empty(0)
     return quantile(pool, cfg.lower / 100), quantile(pool, cfg.upper / 100)
 
 
-def _select(units: list[_Unit], cfg: RoseConfig) -> dict[int, float | torch.Tensor]:
+def select(units: list[Unit], cfg: RoseConfig) -> dict[int, float | torch.Tensor]:
     """Mask values (1/0 floats, or bool element tensors) for scored units; absent = undefined."""
     masks: dict[int, float | torch.Tensor] = {}
-    if cfg.granularity == "tensor":
+    if not cfg.element:
         scored = [u for u in units if u.score is not None]
-        lo, hi = _pool_thresholds([torch.tensor([u.score], dtype=torch.float64) for u in scored], cfg)
+        lo, hi = pool_thresholds([torch.tensor([u.score], dtype=torch.float64) for u in scored], cfg)
         for u in scored:
             masks[u.index] = float(in_interval(torch.tensor(u.score, dtype=torch.float64), lo, hi).item())
         return masks
     if cfg.scope == "global":
-        lo, hi = _pool_thresholds([u.scores[u.defined] for u in units], cfg)
+        lo, hi = pool_thresholds([u.scores[u.defined] for u in units], cfg)
         thresholds = {u.index: (lo, hi) for u in units}
     else:
-        thresholds = {u.index: _pool_thresholds([u.scores[u.defined]], cfg) for u in units}
+        thresholds = {u.index: pool_thresholds([u.scores[u.defined]], cfg) for u in units}
     for u in units:
         lo, hi = thresholds[u.index]
         masks[u.index] = torch.where(u.defined, in_interval(u.scores, lo, hi), True)
     return masks
 
 
-class ReferenceBackend:
-    """``backend="reference"``: the oracle above driven through the backend interface."""
-
-    name = "reference"
-
-    def supports(self, device: torch.device) -> bool:
-        return True
-
-    def record_first_order(
-        self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
-        cfg: RoseConfig, reuse: list | None = None, workspace: dict | None = None,
-    ) -> FirstOrderRecord:
-        scored = scored_on_host(state_steps, warmup_steps)
-        if not all(torch.isfinite(g).all() for g in kl_grads):
-            return FirstOrderRecord(masks=[], nonfinite=True)
-        units = []
-        for i, (g, is_scored) in enumerate(zip(kl_grads, scored, strict=True)):
-            if not is_scored:
-                continue
-            if cfg.granularity == "tensor":
-                units.append(_Unit(i, None, None, first_order_tensor_score(g)))
-            else:
-                scores = first_order_element_scores(g)
-                units.append(_Unit(i, scores, torch.ones_like(scores, dtype=torch.bool), None))
-        masks = _select(units, cfg)
-        return FirstOrderRecord(masks=[masks.get(i) for i in range(len(kl_grads))], nonfinite=False)
-
-    def step(self, batch: StepBatch, cfg: RoseConfig) -> StepResult:
-        n = len(batch.params)
-        if not all(torch.isfinite(g).all() for g in batch.grads):
-            return StepResult(nonfinite=True)
-        next_steps = [s.item() + 1 for s in batch.state_steps]
-
-        second: dict[int, float | torch.Tensor] = {}
-        if cfg.mode in ("second", "ensemble"):
-            units = []
-            for i in range(n):
-                h = batch.hypers[i]
-                if not batch.eligible[i] or next_steps[i] <= h.warmup_steps:
-                    continue
-                if cfg.granularity == "tensor":
-                    score = second_order_tensor_score(batch.grads[i], batch.exp_avgs[i], h.scale)
-                    units.append(_Unit(i, None, None, score))
-                else:
-                    scores, defined = second_order_element_scores(batch.grads[i], batch.exp_avgs[i], h.scale)
-                    units.append(_Unit(i, scores, defined, None))
-            second = _select(units, cfg)
-
-        kept = []
-        for i in range(n):
-            h = batch.hypers[i]
-            mu: float | torch.Tensor = 1.0
-            if batch.eligible[i] and next_steps[i] > h.warmup_steps and cfg.mode != "off":
-                mu1 = batch.first_order[i] if batch.first_order is not None else None
-                mu2 = second.get(i)
-                mu1 = 1.0 if mu1 is None else mu1
-                mu2 = 1.0 if mu2 is None else mu2
-                if cfg.mode == "second":
-                    mu = mu2
-                elif cfg.mode == "first":
-                    mu = mu1
-                else:
-                    mu = _as_float(mu2, batch.params[i]) * (1 - cfg.gamma) + cfg.gamma * _as_float(
-                        mu1, batch.params[i]
-                    )
-                mu = _as_float(mu, batch.params[i]) if isinstance(mu, torch.Tensor) else float(mu)
-            batch.state_steps[i].add_(1)
-            masked_adamw_update(
-                batch.params[i],
-                batch.grads[i],
-                batch.exp_avgs[i],
-                batch.exp_avg_sqs[i],
-                step=next_steps[i],
-                mu=mu,
-                lr=h.lr,
-                beta1=h.beta1,
-                beta2=h.beta2,
-                eps=h.eps,
-                weight_decay=h.weight_decay,
-                correct_bias=h.correct_bias,
-            )
-            numel = batch.params[i].numel()
-            if numel == 0:
-                kept.append(1.0)  # nothing to mask
-            elif isinstance(mu, torch.Tensor):
-                kept.append(mu.to(torch.float64).sum().item() / numel)
-            else:
-                kept.append(mu)
-        return StepResult(nonfinite=False, kept=kept)
+def combined_mask(cfg: RoseConfig, mu1, mu2, like: torch.Tensor) -> float | torch.Tensor:
+    """The mask of one pooled parameter from its first- and second-order masks (None: undefined,
+    kept): the mode's own, or the ensemble's ``(1 - gamma) * M2 + gamma * M1`` (section 4)."""
+    mu1 = 1.0 if mu1 is None else mu1
+    mu2 = 1.0 if mu2 is None else mu2
+    if cfg.mode == "second":
+        mu = mu2
+    elif cfg.mode == "first":
+        mu = mu1
+    else:
+        mu = _as_float(mu2, like) * (1 - cfg.gamma) + cfg.gamma * _as_float(mu1, like)
+    return _as_float(mu, like) if isinstance(mu, torch.Tensor) else float(mu)
 
 
 def _as_float(mask: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

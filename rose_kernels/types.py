@@ -1,4 +1,4 @@
-"""Plain data passed between RoseAdamW and its backends (no logic here)."""
+"""Plain data passed between RoseAdamW and its backends, and the names of the modes and their parts."""
 
 from __future__ import annotations
 
@@ -8,10 +8,24 @@ from typing import Any
 import torch
 
 MODES = ("off", "first", "second", "ensemble")
+# The modes whose mask has a first-order part (two dropout passes and record_first_order() every
+# step) and those with a second-order part; test a mode with uses_first_order() / uses_second_order().
+FIRST_ORDER_MODES = frozenset({"first", "ensemble"})
+SECOND_ORDER_MODES = frozenset({"second", "ensemble"})
 GRANULARITIES = ("tensor", "element")
 SCOPES = ("tensor", "global")
 THRESHOLDS = ("exact",)
 NONFINITE_POLICIES = ("auto", "raise", "skip")
+
+
+def uses_first_order(mode: str) -> bool:
+    """Whether ``mode`` scores with the KL gradient of two dropout passes (record_first_order())."""
+    return mode in FIRST_ORDER_MODES
+
+
+def uses_second_order(mode: str) -> bool:
+    """Whether ``mode`` scores the gradient against the momentum."""
+    return mode in SECOND_ORDER_MODES
 
 
 @dataclass(frozen=True)
@@ -26,6 +40,19 @@ class RoseConfig:
     gamma: float = 0.5
     thresholds: str = "exact"
     nonfinite: str = "raise"
+
+    @property
+    def uses_first_order(self) -> bool:
+        return uses_first_order(self.mode)
+
+    @property
+    def uses_second_order(self) -> bool:
+        return uses_second_order(self.mode)
+
+    @property
+    def element(self) -> bool:
+        """Element granularity (one mask value per element, not per tensor)."""
+        return self.granularity == "element"
 
     @property
     def quantiles(self) -> tuple[float, float]:
@@ -87,6 +114,7 @@ class StepResult:
     # kept fraction (mean mask value); under sharding, this shard's sum of mask values instead
     kept: list[float] | torch.Tensor = field(default_factory=list)
     exp_avg_sumsq: list[float] | torch.Tensor | None = None  # sum of squares of the new exp_avg
+    sharding: Any = None  # the step's ShardedStep (set by rose_kernels.functional), or None
 
 
 @dataclass

@@ -489,7 +489,7 @@ def test_backend_auto_picks_cpu(seed):
         scope="global",
     )
     assert prob.opts[0].backend == "auto"
-    assert prob.opts[0]._backend_for(all_params(prob.opts[0])).name == "cpu"
+    assert prob.opts[0].backend_for(all_params(prob.opts[0])).name == "cpu"
     for _ in range(3):
         prob.step()
         for a, b in zip(all_params(prob.opts[0]), all_params(prob.opts[1]), strict=True):

@@ -1,9 +1,9 @@
 """The backend registry: one place that knows which implementations exist and which is fastest.
 
 The fused backends (cpu, cuda, triton) are one step (backends/fused.py) over three implementations
-of one op family. A backend implements ``record_first_order(kl_grads, state_steps, warmup_steps, cfg, reuse=None,
-workspace=None)`` and ``step(batch, cfg)`` with the semantics of ``rose_kernels.reference``; adding
-one means registering it here, nothing else.
+of one op family; ``reference`` drives the oracle. A backend is a ``backends.base.Backend`` (the
+contract: what it declares and what it implements, with the semantics of ``rose_kernels.reference``);
+adding one means registering it here, nothing else.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import importlib.util
 
 import torch
 
+from rose_kernels.backends.base import Backend
 from rose_kernels.backends.fused import CpuBackend, CudaBackend
-from rose_kernels.reference import ReferenceBackend
+from rose_kernels.backends.reference import ReferenceBackend
+
+__all__ = ["Backend", "names", "register", "resolve"]
 
 _BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), CpuBackend(), CudaBackend())}
 
@@ -32,14 +35,14 @@ if importlib.util.find_spec("triton") is not None:
     _LAZY["triton"] = _load_triton
 
 
-def _get(name: str):
+def _get(name: str) -> Backend | None:
     backend = _BACKENDS.get(name)
     if backend is None and name in _LAZY:
         backend = _BACKENDS[name] = _LAZY.pop(name)()
     return backend
 
 
-def register(backend, *, prefer_for: tuple[str, ...] = ()) -> None:
+def register(backend: Backend, *, prefer_for: tuple[str, ...] = ()) -> None:
     """Adds a backend; ``prefer_for`` lists device types for which it goes first under "auto"."""
     _BACKENDS[backend.name] = backend
     for device_type in prefer_for:
@@ -50,17 +53,17 @@ def names() -> tuple[str, ...]:
     return (*_BACKENDS, *(name for name in _LAZY if name not in _BACKENDS))
 
 
-def resolve(name: str, device: torch.device):
+def resolve(name: str, device: torch.device) -> Backend:
     """The backend object for ``name`` ("auto" or a registered name) on ``device``."""
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, ("reference",)):
             backend = _get(candidate)
-            if backend is not None and backend.supports(device):
+            if backend is not None and backend.supports_device(device):
                 return backend
         return _BACKENDS["reference"]
     backend = _get(name)
     if backend is None:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(names())} or 'auto'")
-    if not backend.supports(device):
+    if not backend.supports_device(device):
         raise RuntimeError(f"backend {name!r} cannot run on {device} (is the extension built?)")
     return backend

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from rose_kernels.backends import device_tables
+from rose_kernels.backends.base import Backend
 from rose_kernels.ops import GUESS_RANKS, HYPER_COLUMNS
 from rose_kernels.types import FirstOrderRecord, RoseConfig, StepBatch, StepResult
 
@@ -181,30 +182,29 @@ def native_ops():
                            first_order_mask_=ns.first_order_mask_.default, masked_adamw_=ns.masked_adamw_.default)
 
 
-class FusedBackend:
+class FusedBackend(Backend):
     """A backend made of one implementation of the op family (``ops``: a namespace of the four ops)."""
 
     name = "fused"
     # Step results are device tensors that RoseAdamW reads only when the user asks (GPU backends).
     device_resident = True
+    # Scores and thresholds are made global over the shards by backends/sharded.py.
+    supports_sharding = True
 
     def ops(self):
         raise NotImplementedError
 
-    def supports(self, device: torch.device) -> bool:
-        raise NotImplementedError
-
-    @staticmethod
-    def capturing(device: torch.device) -> bool:
-        """Whether work on ``device`` is being captured into a CUDA graph now (RoseAdamW then keeps
-        its own tensors that the captured step reads in ``workspace["graph_keepalive"]``)."""
+    def capturing(self, device: torch.device) -> bool:
         return device_tables.capturing(device)
+
+    def sumsq_op(self):
+        return self.ops().sumsq
 
     # ---- first-order scores (the KL gradients of two dropout passes) -----------------------
 
     def record_first_order(
         self, kl_grads: list[torch.Tensor], state_steps: list[torch.Tensor | None], warmup_steps: list[int],
-        cfg: RoseConfig, reuse: list | None = None, workspace: dict | None = None, sharding=None,
+        cfg: RoseConfig, *, reuse: list | None = None, workspace: dict | None = None, sharding=None,
     ) -> FirstOrderRecord:
         """``reuse``: last step's masks; their buffers are written again (fixed addresses: launch
         tables stay cached, a captured CUDA graph keeps pointing at the right memory, and the old
@@ -226,7 +226,7 @@ class FusedBackend:
         warmup = device_tables.constant(tuple(warmup_steps), torch.float32, device)
         scored = _steps(state_steps, device, not self.device_resident) + 1 > warmup
         q_lo, q_hi = cfg.quantiles
-        if cfg.granularity == "tensor":
+        if not cfg.element:
             sums = ops.sumsq(kl_grads)
             if sharding is not None:
                 sharding.all_reduce_sum_(sums)
@@ -277,9 +277,9 @@ class FusedBackend:
         hypers = batch.hypers
         sharding = batch.sharding
         numels = sharding.numels if sharding is not None else tuple(p.numel() for p in params)
-        uses_second = cfg.mode in ("second", "ensemble")
-        uses_first = cfg.mode in ("first", "ensemble")
-        element = cfg.granularity == "element"
+        uses_second = cfg.uses_second_order
+        uses_first = cfg.uses_first_order
+        element = cfg.element
         q_lo, q_hi = cfg.quantiles
 
         steps = _steps(batch.state_steps, device, not self.device_resident)
@@ -392,7 +392,7 @@ class CpuBackend(FusedBackend):
     def ops(self):
         return native_ops()
 
-    def supports(self, device: torch.device) -> bool:
+    def supports_device(self, device: torch.device) -> bool:
         from rose_kernels import ops
 
         return device.type == "cpu" and ops.available()
@@ -406,7 +406,7 @@ class CudaBackend(FusedBackend):
     def ops(self):
         return native_ops()
 
-    def supports(self, device: torch.device) -> bool:
+    def supports_device(self, device: torch.device) -> bool:
         from rose_kernels import ops
 
         return device.type == "cuda" and ops.available() and ops.built_with_cuda()

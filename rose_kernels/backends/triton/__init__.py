@@ -34,5 +34,5 @@ class TritonBackend(FusedBackend):
     def ops(self):
         return TRITON_OPS
 
-    def supports(self, device: torch.device) -> bool:
+    def supports_device(self, device: torch.device) -> bool:
         return device.type == "cuda" or (device.type == "cpu" and tables.on_host())

@@ -1,0 +1,75 @@
+"""Argument checks shared by RoseAdamW and ``rose_kernels.functional``: each raises a ValueError that
+names the first bad argument, before anything changes (docs/semantics.md section 6)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rose_kernels.dtypes import SUPPORTED_DTYPES
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 high_open: bool = False, at_step: bool = False) -> float | None:
+    """``value`` as a finite float within the bounds; a one-element tensor is read unless ``at_step``
+    (then it was checked when its group was added, and reading it here may wait for the device)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        if at_step:
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_group(group: dict, *, at_step: bool = False) -> None:
+    """Raises ValueError naming the first bad hyper-parameter of a param group."""
+    check_number("lr", group["lr"], low=0.0, at_step=at_step)
+    check_number("eps", group["eps"], low=0.0)
+    check_number("weight_decay", group["weight_decay"], low=0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_number("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_number("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    warmup = group["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup_steps must be a non-negative int, got {warmup!r}")
+    if group["second_order_scale"] is not None:
+        check_number("second_order_scale", group["second_order_scale"])
+    if not isinstance(group["rose"], bool):
+        raise ValueError(f"the param group key 'rose' must be True or False, got {group['rose']!r}")
+    if not isinstance(group["correct_bias"], bool):
+        raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
+
+
+def check_param(p: Any) -> None:
+    """A parameter the fused kernels can step: a dense, contiguous, real floating tensor."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"RoseAdamW params must be tensors, got {type(p).__name__}")
+    if p.is_complex():
+        raise ValueError("RoseAdamW does not support complex parameters")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"RoseAdamW supports float32, float64, bfloat16 and float16 params, got {p.dtype}")
+    if p.layout != torch.strided or not p.is_contiguous():
+        raise ValueError(
+            "RoseAdamW needs contiguous dense parameters (the fused kernels read them as flat "
+            f"arrays); got one of shape {tuple(p.shape)} with strides {p.stride()}"
+        )
