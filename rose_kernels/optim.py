@@ -19,10 +19,11 @@ from rose_kernels.backends import sharded
 from rose_kernels.backends.base import Backend
 from rose_kernels.dtypes import opmath_dtype
 from rose_kernels.optim_state import (
+    FirstOrderMasks,
     KeptFractions,
     SkipCounter,
     VersionedValues,
-    check_state,
+    collect_step,
     full_precision_moments,
     new_state,
 )
@@ -33,8 +34,7 @@ from rose_kernels.validation import check_choice, check_group, check_param
 _ROSE_GROUP_DEFAULTS = {"rose": True, "warmup_steps": 0, "second_order_scale": None, "correct_bias": True}
 # Instance attributes that are configuration, kept by copies and pickles (torch's __getstate__
 # keeps only defaults, state and param_groups); the rest is rebuilt empty (_reset_transients).
-_CONFIG_ATTRIBUTES = ("rose", "backend", "_skips", "_kept", "_first_order", "_first_order_nonfinite",
-                      "_first_order_flag")
+_CONFIG_ATTRIBUTES = ("rose", "backend", "_skips", "_kept", "_first_order")
 
 
 class RoseAdamW(Optimizer):
@@ -101,18 +101,12 @@ class RoseAdamW(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_ROSE_GROUP_DEFAULTS)
         defaults.update(warmup_steps=warmup_steps, second_order_scale=second_order_scale, correct_bias=correct_bias)
         check_group(defaults)
-        self._skips = SkipCounter()
-        self._kept = KeptFractions()
-        # The recorded first-order masks for the coming step (record_first_order), by parameter.
-        self._first_order: dict[torch.Tensor, Any] | None = None
-        self._first_order_nonfinite = False  # the record found non-finite KL gradients (host)
-        self._first_order_flag: torch.Tensor | None = None  # the same, on the device
+        self._skips, self._kept, self._first_order = SkipCounter(), KeptFractions(), FirstOrderMasks()
         self._reset_transients()
         super().__init__(params, defaults)
 
     def _reset_transients(self) -> None:
         """Caches and scratch, rebuilt empty for a new, copied or unpickled optimizer."""
-        self._first_order_buffers: dict[torch.Tensor, Any] = {}  # last masks, reused as buffers
         # Device tensors read by steps captured in CUDA graphs, which replay raw pointers: owned
         # here for as long as the optimizer lives, whatever the backend's caches evict.
         self._graph_keepalive: list[torch.Tensor] = []
@@ -146,11 +140,8 @@ class RoseAdamW(Optimizer):
                 group.setdefault(key, default)
         if "rose" not in self.__dict__:  # pickled by torch's Optimizer alone: the constructor's defaults
             self.rose, self.backend = functional.rose_config("second", "tensor", "tensor", 0.0, 60.0, 0.5), "auto"
-        self.__dict__.setdefault("_skips", SkipCounter())
-        self.__dict__.setdefault("_kept", KeptFractions())
-        self.__dict__.setdefault("_first_order", None)
-        self.__dict__.setdefault("_first_order_nonfinite", False)
-        self.__dict__.setdefault("_first_order_flag", None)
+        for key, make in (("_skips", SkipCounter), ("_kept", KeptFractions), ("_first_order", FirstOrderMasks)):
+            self.__dict__.setdefault(key, make())
         self._reset_transients()
 
     def __repr__(self) -> str:
@@ -176,7 +167,7 @@ class RoseAdamW(Optimizer):
         for group in self.param_groups:
             check_group(group)
         keepalive = self._graph_keepalive  # graphs captured before may replay
-        self._first_order, self._first_order_nonfinite, self._first_order_flag = None, False, None
+        self._first_order = FirstOrderMasks()
         self._reset_transients()
         self._graph_keepalive = self._workspace["graph_keepalive"] = keepalive
 
@@ -234,34 +225,29 @@ class RoseAdamW(Optimizer):
             )
         rows = [(p, g["warmup_steps"]) for g in self.param_groups if g["rose"] for p in g["params"]
                 if p.grad is not None]
-        previous = self._first_order or self._first_order_buffers
-        self._first_order, self._first_order_nonfinite, self._first_order_flag = {}, False, None
+        params = [p for p, _ in rows]
+        reuse = self._first_order.start(params)
         if not rows:
             return
-        params = [p for p, _ in rows]
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("RoseAdamW does not support sparse gradients")
         backend = self.backend_for(params)
-        reuse = [previous.get(p) for p in params]
-        self._first_order_buffers = previous = {}  # only `reuse` holds the old masks now
         record = functional.record_first_order(
             [p.grad for p in params], [self.state[p]["step"] if self.state.get(p) else None for p in params],
             warmup_steps=[w for _, w in rows], granularity=cfg.granularity, scope=cfg.scope, lower=cfg.lower,
             upper=cfg.upper, backend=backend, nonfinite="skip", reuse=reuse, workspace=self._workspace,
         )
-        del reuse
+        del reuse  # the old masks' memory is the new masks' now
+        on_device = isinstance(record.nonfinite, torch.Tensor)
+        if not on_device and record.nonfinite:
+            self._first_order.failed()  # the coming step is skipped (or raises) too
         if self._policy(backend) == "raise" and bool(record.nonfinite):
-            raise RuntimeError(
-                "RoseAdamW.record_first_order: non-finite values in the first-order (KL) gradients; "
-                "nothing was recorded (pass nonfinite='skip' to skip such steps instead)"
-            )
-        if isinstance(record.nonfinite, torch.Tensor):
-            self._first_order_flag = record.nonfinite  # skipped on the device by the coming step's update
-        elif record.nonfinite:
-            self._first_order_nonfinite = True
-            return
-        self._first_order = {p: mask for p, mask in zip(params, record.masks, strict=True) if mask is not None}
-        self._first_order_buffers = self._first_order
+            if on_device:
+                self._first_order.consumed()
+            raise RuntimeError("RoseAdamW.record_first_order: non-finite values in the first-order (KL) gradients; "
+                               "nothing was recorded (pass nonfinite='skip' to skip such steps instead)")
+        if not self._first_order.nonfinite:
+            self._first_order.keep(params, record.masks, record.nonfinite if on_device else None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -272,9 +258,9 @@ class RoseAdamW(Optimizer):
                 loss = closure()
         if not self._first_order_ready():
             return loss
-        owners, new_states, columns = self._collect()
+        owners, new_states, columns = collect_step(self.param_groups, self.state)
         if not owners:
-            self._first_order = None
+            self._first_order.consumed()
             return loss
         backend = self.backend_for(owners)
         capturing = backend.capturing(owners[0].device)
@@ -282,7 +268,7 @@ class RoseAdamW(Optimizer):
         exp_avgs = columns["exp_avgs"]
         if cfg.uses_first_order:
             columns.update(first_order=[self._first_order.get(p) for p in owners],
-                           first_order_nonfinite=self._first_order_flag)
+                           first_order_nonfinite=self._first_order.flag)
         if self._grad_sumsq:
             columns["grad_sumsq"] = [self._grad_sumsq.get(p, p.grad) for p in owners]
             self._grad_sumsq.clear()  # for this step only
@@ -292,69 +278,26 @@ class RoseAdamW(Optimizer):
             mode=cfg.mode, granularity=cfg.granularity, scope=cfg.scope, lower=cfg.lower, upper=cfg.upper,
             gamma=cfg.gamma, backend=backend, nonfinite="skip", workspace=self._workspace, **columns,
         )
-        self._first_order, self._first_order_flag = None, None
+        self._first_order.consumed()
         self._commit(owners, new_states, columns, result, backend, capturing)
         return loss
 
     def _first_order_ready(self) -> bool:
         """Modes first/ensemble: whether this step has its record (a non-finite one skips the step)."""
-        cfg = self.rose
-        if not cfg.uses_first_order:
+        if not self.rose.uses_first_order:
             return True
-        if self._first_order_nonfinite:
-            self._first_order_nonfinite = False
+        if self._first_order.nonfinite:
+            self._first_order.consumed()
             self._on_nonfinite("first-order (KL) gradients recorded for this step", None)
             return False
-        if self._first_order is None:
+        if not self._first_order.recorded:
             raise RuntimeError(
-                f"mode={cfg.mode!r} needs first-order scores for every step: call "
+                f"mode={self.rose.mode!r} needs first-order scores for every step: call "
                 "opt.record_first_order() after loss_kl.backward(retain_graph=True) and before "
                 "zero_grad() / loss.backward() / opt.step() (torch.distributed.checkpoint's get_ and "
                 "set_optimizer_state_dict call step() on an optimizer without state: call opt.init_state() first)"
             )
         return True
-
-    def _collect(self) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, dict]], dict[str, list]]:
-        """Checks every group and gradient, then gathers the step's tensors and per-parameter
-        settings (``rose_adamw``'s arguments); changes nothing. State for parameters seen for the
-        first time is made here, and committed to ``self.state`` only once the step went through."""
-        owners, new_states = [], []
-        columns = {key: [] for key in ("grads", "exp_avgs", "exp_avg_sqs", "state_steps", "lr", "beta1", "beta2",
-                                        "eps", "weight_decay", "warmup_steps", "second_order_scale",
-                                        "correct_bias", "eligible")}
-        for group in self.param_groups:
-            check_group(group, at_step=True)
-            with_grads = [p for p in group["params"] if p.grad is not None]
-            for p in with_grads:
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("RoseAdamW does not support sparse gradients")
-                if grad.shape != p.shape or grad.dtype != p.dtype:
-                    raise RuntimeError(
-                        f"gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does not match its "
-                        f"parameter ({tuple(p.shape)}, {p.dtype})"
-                    )
-                if not sharded.local(p).is_contiguous():
-                    raise RuntimeError("a parameter became non-contiguous after RoseAdamW was built")
-                state = self.state.get(p)
-                if not state:
-                    state = new_state(p)
-                    new_states.append((p, state))
-                else:
-                    check_state(p, state)
-                owners.append(p)
-                columns["grads"].append(grad)
-                columns["exp_avgs"].append(state["exp_avg"])
-                columns["exp_avg_sqs"].append(state["exp_avg_sq"])
-                columns["state_steps"].append(state["step"])
-            k = len(with_grads)
-            beta1, beta2 = group["betas"]
-            for key, value in (("lr", group["lr"]), ("beta1", beta1), ("beta2", beta2), ("eps", group["eps"]),
-                               ("weight_decay", group["weight_decay"]), ("warmup_steps", group["warmup_steps"]),
-                               ("second_order_scale", group["second_order_scale"]),
-                               ("correct_bias", group["correct_bias"]), ("eligible", group["rose"])):
-                columns[key].extend([value] * k)
-        return owners, new_states, columns
 
     def _commit(self, owners, new_states, columns, result, backend, capturing) -> None:
         """Takes in what a step returned: new state, kept fractions, cached sums, skip counts."""

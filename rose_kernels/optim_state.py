@@ -15,6 +15,7 @@ import torch
 
 from rose_kernels.backends import sharded
 from rose_kernels.dtypes import opmath_dtype
+from rose_kernels.validation import check_grad, check_group
 
 
 def new_state(p: torch.Tensor) -> dict:
@@ -53,6 +54,43 @@ def check_state(p: torch.Tensor, state: dict) -> None:
         state["step"] = torch.tensor(float(step or 0), dtype=torch.float32, device=p.device)
     elif step.device != p.device or step.dtype != torch.float32:
         state["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
+# rose_adamw's per-parameter arguments, from each param group's keys.
+_GROUP_COLUMNS = (("lr", "lr"), ("eps", "eps"), ("weight_decay", "weight_decay"), ("warmup_steps", "warmup_steps"),
+                  ("second_order_scale", "second_order_scale"), ("correct_bias", "correct_bias"), ("eligible", "rose"))
+
+
+def collect_step(param_groups: list[dict], states: dict) -> tuple[list, list, dict[str, list]]:
+    """Checks every group and gradient, then gathers a step's tensors and per-parameter settings
+    (``rose_kernels.functional.rose_adamw``'s arguments); changes nothing. Returns the parameters
+    with gradients, the state made for those seen for the first time (to commit only once the step
+    went through), and the arguments."""
+    owners, new_states = [], []
+    columns = {key: [] for key in ("grads", "exp_avgs", "exp_avg_sqs", "state_steps", "beta1", "beta2",
+                                    *(name for name, _ in _GROUP_COLUMNS))}
+    for group in param_groups:
+        check_group(group, at_step=True)
+        with_grads = [p for p in group["params"] if p.grad is not None]
+        for p in with_grads:
+            check_grad(p, p.grad)
+            state = states.get(p)
+            if not state:
+                state = new_state(p)
+                new_states.append((p, state))
+            else:
+                check_state(p, state)
+            owners.append(p)
+            columns["grads"].append(p.grad)
+            columns["exp_avgs"].append(state["exp_avg"])
+            columns["exp_avg_sqs"].append(state["exp_avg_sq"])
+            columns["state_steps"].append(state["step"])
+        k = len(with_grads)
+        for name, key in _GROUP_COLUMNS:
+            columns[name].extend([group[key]] * k)
+        columns["beta1"].extend([group["betas"][0]] * k)
+        columns["beta2"].extend([group["betas"][1]] * k)
+    return owners, new_states, columns
 
 
 def full_precision_moments(state_dict: dict, param_groups: list[dict]) -> dict[torch.Tensor, dict]:
@@ -189,3 +227,40 @@ class KeptFractions:
                 if p in self.positions:
                     stats[names[pi] if names else f"{gi}.{pi}"] = values[self.positions[p]]
         return stats
+
+
+class FirstOrderMasks:
+    """The first-order masks recorded for the coming step (modes first/ensemble), by parameter."""
+
+    def __init__(self) -> None:
+        self.masks: dict[torch.Tensor, Any] | None = None  # None: nothing recorded since the last step
+        self.nonfinite = False  # the record found non-finite KL gradients (on the host)
+        self.flag: torch.Tensor | None = None  # the same verdict on the device, read by the update
+        self._buffers: dict[torch.Tensor, Any] = {}  # the last masks, whose memory a record reuses
+
+    def get(self, p: torch.Tensor) -> Any:
+        return None if self.masks is None else self.masks.get(p)
+
+    @property
+    def recorded(self) -> bool:
+        return self.masks is not None or self.nonfinite
+
+    def start(self, params: list[torch.Tensor]) -> list:
+        """Forgets the current record; returns the old masks of ``params``, for their buffers."""
+        previous = self.masks or self._buffers
+        self.masks, self.nonfinite, self.flag, self._buffers = {}, False, None, {}
+        return [previous.get(p) for p in params]
+
+    def keep(self, params: list[torch.Tensor], masks: list, flag: torch.Tensor | None) -> None:
+        self.masks = self._buffers = {p: m for p, m in zip(params, masks, strict=True) if m is not None}
+        self.flag = flag
+
+    def failed(self) -> None:
+        """The record's KL gradients were not finite (host): the coming step is skipped."""
+        self.masks, self.nonfinite = None, True
+
+    def consumed(self) -> None:
+        self.masks, self.nonfinite, self.flag = None, False, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_buffers": {}}

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rose_kernels.backends import sharded
 from rose_kernels.dtypes import SUPPORTED_DTYPES
 
 
@@ -73,3 +74,16 @@ def check_param(p: Any) -> None:
             "RoseAdamW needs contiguous dense parameters (the fused kernels read them as flat "
             f"arrays); got one of shape {tuple(p.shape)} with strides {p.stride()}"
         )
+
+
+def check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """A gradient the step can use, of a parameter that is still contiguous."""
+    if grad.is_sparse:
+        raise RuntimeError("RoseAdamW does not support sparse gradients")
+    if grad.shape != p.shape or grad.dtype != p.dtype:
+        raise RuntimeError(
+            f"gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does not match its "
+            f"parameter ({tuple(p.shape)}, {p.dtype})"
+        )
+    if not sharded.local(p).is_contiguous():
+        raise RuntimeError("a parameter became non-contiguous after RoseAdamW was built")

@@ -39,8 +39,10 @@ def test_matches_torch_clip_grad_norm(seed, dtype, max_norm):
     assert mine.dtype == theirs.dtype, (mine.dtype, theirs.dtype)
     tol = dict(rtol=1e-2, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=0)
     torch.testing.assert_close(mine, theirs, **tol, msg=lambda m: f"seed={seed} {dtype} total norm: {m}")
+    # bf16: the coefficient from the float64 sum and torch's from bf16 per-tensor norms may differ by
+    # one bf16 ulp (2^-8 relative), and the product rounds once more: two ulps, 2^-7 ~ 0.8% each.
     for a, p in zip(clipped, params, strict=True):
-        torch.testing.assert_close(a, p.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-30,
+        torch.testing.assert_close(a, p.grad, rtol=2e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-30,
                                    msg=lambda m: f"seed={seed} {dtype} max_norm={max_norm}: {m}")
 
 

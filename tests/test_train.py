@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 from rose_kernels import RoseAdamW  # noqa: E402
 from rose_kernels.train import cli  # noqa: E402
 from rose_kernels.train import data as data_mod  # noqa: E402
-from rose_kernels.train.loop import CHECKPOINT  # noqa: E402
+from rose_kernels.train.checkpoint import CHECKPOINT  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = ["good", "great", "superb", "fine"]
@@ -429,12 +429,12 @@ def test_rose_trainer_runs_the_rose_step(tiny_model, files, tmp_path, mode):
                           data_collator=transformers.DataCollatorWithPadding(tokenizer), rose_mode=mode,
                           rose_upper=50.0)
     hand_offs = []
-    real = RoseAdamW._take_grad_sumsq
-    RoseAdamW._take_grad_sumsq = lambda self, params, sums: (hand_offs.append(len(params)), real(self, params, sums))
+    real = RoseAdamW.offer_grad_sumsq
+    RoseAdamW.offer_grad_sumsq = lambda self, params, sums: (hand_offs.append(len(params)), real(self, params, sums))
     try:
         trainer.train()
     finally:
-        RoseAdamW._take_grad_sumsq = real
+        RoseAdamW.offer_grad_sumsq = real
     assert len(hand_offs) == 3, "the Trainer's clipping hands its sums to every step"
     assert isinstance(trainer.optimizer, RoseAdamW) or isinstance(trainer.optimizer.optimizer, RoseAdamW)
     rose = trainer.optimizer if isinstance(trainer.optimizer, RoseAdamW) else trainer.optimizer.optimizer
@@ -498,7 +498,7 @@ def test_python_dash_m_runs_the_trainer():
 
 
 # ------------------------------------------------------------------------------------------------
-# The real main job, shortened
+# The default run (bare rose-train: one ensemble run on MiniLM and Rotten Tomatoes), shortened
 # ------------------------------------------------------------------------------------------------
 
 

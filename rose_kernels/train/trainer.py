@@ -3,9 +3,13 @@
 Switching an existing Trainer script is changing the class (and, optionally, the ``rose_*``
 arguments): the optimizer becomes :class:`~rose_kernels.RoseAdamW` over
 :func:`~rose_kernels.rose_param_groups` (the release's eligibility rule, no decay for biases and
-LayerNorm), built from the TrainingArguments' lr, betas, eps and weight decay; in ``first`` and
-``ensemble`` modes the training step runs two dropout passes, keeps the KL gradients aside (summed
-over gradient-accumulation micro-batches) and records them right before each optimizer step.
+LayerNorm), built by :func:`rose_kernels.train.optimizer.build_optimizer` (the one builder
+``rose-train`` uses too) from the TrainingArguments' lr, betas, eps and weight decay. The ``rose_*``
+defaults are the builder's (:data:`rose_kernels.train.optimizer.DEFAULTS`): ``rose_mode="ensemble"``,
+as ``rose-train``'s, where ``RoseAdamW`` itself defaults to ``mode="second"``. In the modes with a
+first-order part (``first`` and ``ensemble``) the training step runs two dropout passes, keeps the
+KL gradients aside (summed over gradient-accumulation micro-batches) and records them right before
+each optimizer step.
 Schedulers, mixed precision and logging stay the Trainer's own; the Trainer's gradient clipping
 runs through :func:`rose_kernels.clip_grad_norm_`, whose read of the gradients also serves the
 optimizer's step (its non-finite check and the tensor second-order norms).
@@ -24,15 +28,23 @@ from transformers import Trainer
 
 from rose_kernels.clip import clip_grad_norm_
 from rose_kernels.distributed import average_tensors_
-from rose_kernels.groups import rose_param_groups
 from rose_kernels.optim import RoseAdamW
-from rose_kernels.train.step import FirstOrderScores, needs_two_passes, rose_losses
+from rose_kernels.train.optimizer import DEFAULTS, build_optimizer
+from rose_kernels.train.step import FirstOrderScores, rose_losses
+from rose_kernels.types import uses_first_order
 
 
 class RoseTrainer(Trainer):
-    def __init__(self, *args, rose_mode: str = "ensemble", rose_granularity: str = "tensor",
-                 rose_scope: str = "tensor", rose_lower: float = 0.0, rose_upper: float = 60.0,
-                 rose_gamma: float = 0.5, rose_backend: str = "auto", **kwargs):
+    """``transformers.Trainer`` with RoseAdamW and ROSE's training step (see the module's docstring).
+
+    ``rose_mode`` (default ``"ensemble"``), ``rose_granularity``, ``rose_scope``, ``rose_lower``,
+    ``rose_upper``, ``rose_gamma`` and ``rose_backend`` are RoseAdamW's ``mode``, ``granularity``, ...;
+    their defaults are :data:`rose_kernels.train.optimizer.DEFAULTS`."""
+
+    def __init__(self, *args, rose_mode: str = DEFAULTS.mode, rose_granularity: str = DEFAULTS.granularity,
+                 rose_scope: str = DEFAULTS.scope, rose_lower: float = DEFAULTS.lower,
+                 rose_upper: float = DEFAULTS.upper, rose_gamma: float = DEFAULTS.gamma,
+                 rose_backend: str = DEFAULTS.backend, **kwargs):
         self.rose_options = dict(mode=rose_mode, granularity=rose_granularity, scope=rose_scope, lower=rose_lower,
                                  upper=rose_upper, gamma=rose_gamma, backend=rose_backend)
         self._first: FirstOrderScores | None = None
@@ -58,11 +70,10 @@ class RoseTrainer(Trainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             args = self.args
-            self.optimizer = RoseAdamW(
-                rose_param_groups(opt_model, weight_decay=args.weight_decay), lr=args.learning_rate,
-                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **self.rose_options,
-            )
-        if needs_two_passes(self.rose_options["mode"]) and self._first is None:
+            self.optimizer = build_optimizer(opt_model, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                             eps=args.adam_epsilon, weight_decay=args.weight_decay,
+                                             **self.rose_options)
+        if uses_first_order(self.rose_options["mode"]) and self._first is None:
             distributed = self.args.world_size > 1 and dist.is_available() and dist.is_initialized()
             self._first = FirstOrderScores(self.optimizer, average=average_tensors_ if distributed else None)
             self.optimizer.register_step_pre_hook(self._record_first_order)
@@ -78,7 +89,7 @@ class RoseTrainer(Trainer):
         # device and reads it every logging_steps), the KL gradients stay in device buffers, and
         # mask_stats() is never called. The Trainer's own loop still checks each micro-batch's loss for
         # NaN/Inf on the host (a sync per micro-batch) unless TrainingArguments(logging_nan_inf_filter=False).
-        if not needs_two_passes(self.rose_options["mode"]):
+        if not uses_first_order(self.rose_options["mode"]):
             return super().training_step(model, inputs, num_items_in_batch)  # one pass; RoseAdamW masks
         model.train()
         inputs = self._prepare_inputs(inputs)
