@@ -6,6 +6,7 @@ import torch
 
 from rose_kernels import RoseAdamW
 from rose_kernels.benchmarks.step import HYPER, ROSE_INTERVAL, build_layout
+from rose_kernels.types import uses_first_order
 
 
 @pytest.fixture(scope="module")
@@ -38,4 +39,4 @@ def test_rose_adamw(benchmark, layout, mode, granularity):
         pytest.skip("off has no granularity")
     opt = RoseAdamW(layout.groups(with_rose_key=True), **HYPER, mode=mode, granularity=granularity, backend="cpu",
                     **ROSE_INTERVAL)
-    benchmark(_run(opt, layout, mode in ("first", "ensemble")))
+    benchmark(_run(opt, layout, uses_first_order(mode)))

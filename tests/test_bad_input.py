@@ -11,6 +11,7 @@ import torch
 from conftest import all_params, assert_bitwise_equal, assert_snapshot_equal, needs_first, randn, snapshot
 
 from rose_kernels import RoseAdamW
+from rose_kernels.types import FIRST_ORDER_MODES
 
 nan, inf = math.nan, math.inf
 
@@ -309,7 +310,7 @@ def test_nonfinite_grad_skip(seed, backend, mode, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "element"])
-@pytest.mark.parametrize("mode", ["first", "ensemble"])
+@pytest.mark.parametrize("mode", sorted(FIRST_ORDER_MODES))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_nonfinite_kl_grad_raise(seed, backend, mode, granularity):
     rng = random.Random(seed)
@@ -328,7 +329,7 @@ def test_nonfinite_kl_grad_raise(seed, backend, mode, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "element"])
-@pytest.mark.parametrize("mode", ["first", "ensemble"])
+@pytest.mark.parametrize("mode", sorted(FIRST_ORDER_MODES))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_nonfinite_kl_grad_skip(seed, backend, mode, granularity):
     rng = random.Random(seed)
@@ -361,7 +362,7 @@ def test_nonfinite_kl_in_ineligible_param_is_ignored(seed):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["first", "ensemble"])
+@pytest.mark.parametrize("mode", sorted(FIRST_ORDER_MODES))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_step_without_record_first_order(seed, backend, mode):
     opt, params, gen = _setup(seed, mode, backend=backend)

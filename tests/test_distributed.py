@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import rose_kernels
 from rose_kernels import RoseAdamW
+from rose_kernels.types import uses_first_order
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -61,7 +62,7 @@ def _run(model, batches, cfg, rank=None, world=1, ddp=None):
     """STEPS ROSE steps; under DDP each rank takes its rows of every global batch."""
     params = list(model.parameters())
     opt = RoseAdamW(params, lr=5e-2, lower=10.0, upper=70.0, backend="cpu", **cfg)
-    two_pass = cfg["mode"] in ("first", "ensemble")
+    two_pass = uses_first_order(cfg["mode"])
     net = ddp if ddp is not None else model
     kept = []
     for x, y, noise in batches:

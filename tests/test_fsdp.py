@@ -17,6 +17,7 @@ from test_distributed import CONFIGS, STEPS, _batches, _losses
 
 import rose_kernels.ops
 from rose_kernels import RoseAdamW, reference
+from rose_kernels.types import uses_first_order
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -111,7 +112,7 @@ def _train(model, opt, batches, cfg, rank=0, world=1, collectives: _Collectives 
         x, y, noise = x[rows], y[rows], noise[rows]
         opt.zero_grad()
         loss, kl = _losses(model, x, y, noise)
-        if cfg["mode"] in ("first", "ensemble"):
+        if uses_first_order(cfg["mode"]):
             kl.backward(retain_graph=True)
             with collectives.counting("record"):
                 opt.record_first_order()
@@ -173,7 +174,7 @@ def test_fsdp2_matches_one_process(seed, tmp_path):
             _compare(ranks[r][i], params, kept, f"seed={seed} rank {r} {cfg}")
         # What ROSE adds per step: one all-reduce of the per-tensor sums at tensor granularity; one
         # per radix pass (5 for float64 scores) at element granularity, for each order's selection.
-        two_pass = cfg["mode"] in ("first", "ensemble")
+        two_pass = uses_first_order(cfg["mode"])
         element = cfg["granularity"] == "element"
         want = {"record": [5 if element else 1] * STEPS if two_pass else [],
                 "step": [5 if element and cfg["mode"] != "first" else 1] * STEPS}

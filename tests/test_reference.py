@@ -14,6 +14,7 @@ import torch
 from conftest import snapshot
 
 from rose_kernels import RoseAdamW, reference
+from rose_kernels.types import uses_first_order
 
 BACKENDS = ("reference", "cpu")
 
@@ -165,7 +166,7 @@ def _build(spec: dict, backend: str, **kw):
 def _run_and_check(spec, masks, backend, *, t, **kw):
     """One step; `masks[name]` is the hand-computed mask (list per element, or one value per tensor)."""
     opt, params = _build(spec, backend, **kw)
-    if kw.get("mode") in ("first", "ensemble"):
+    if uses_first_order(kw.get("mode")):
         for n, p in params.items():
             p.grad = _t(spec[n]["kl"])
         opt.record_first_order()

@@ -4,7 +4,7 @@
     rose-bench                              # the full CPU suite (tens of minutes)
     rose-bench --device cuda --suites step,select,scaling
     rose-bench --suites select --sizes 1e5,1e6,1e7,1e8,1e9
-    rose-bench --update-readme              # refresh README.md's generated tables
+    rose-bench --update-readme              # refresh bench/README.md's generated tables
 
 Suites: ``step`` (the optimizer step on BERT-family layouts, every backend, mode and granularity
 against torch AdamW fused and foreach), ``select`` (SELECT against torch.quantile, torch.kthvalue,
@@ -131,7 +131,7 @@ def update_readme(readme: Path, written: dict[str, str], out: Path, device: torc
         if saved:
             parts.append(saved[-1].read_text())
     body = "\n".join(re.sub(r"^# ", "#### ", p, flags=re.M) for p in parts)
-    body = body.replace("](scaling-", "](bench/results/scaling-")
+    body = body.replace("](scaling-", "](results/scaling-")
     new = re.sub(re.escape(README_BEGIN) + r".*?" + re.escape(README_END),
                  lambda _: f"{README_BEGIN}\n{body}\n{README_END}", text, flags=re.S)
     readme.write_text(new)
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", help="sizes for select (elements) and scaling (parameters), e.g. 1e6,1e7")
     parser.add_argument("--rounds", type=int, help="timed rounds per configuration")
     parser.add_argument("--out", type=Path, default=step_mod.RESULTS)
-    parser.add_argument("--update-readme", action="store_true", help="write the tables into README.md")
+    parser.add_argument("--update-readme", action="store_true", help="write the tables into bench/README.md")
     args = parser.parse_args(argv)
     suites = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device here")
     written = run(suites, device, args.quick, _sizes(args.sizes), args.rounds, args.out)
     if args.update_readme:
-        update_readme(step_mod.REPO / "README.md", written, args.out, device)
+        update_readme(step_mod.REPO / "bench" / "README.md", written, args.out, device)
     return 0
 
 

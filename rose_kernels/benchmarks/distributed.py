@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from rose_kernels import RoseAdamW, rose_param_groups
 from rose_kernels.distributed import average_gradients_
 from rose_kernels.train.step import rose_losses
+from rose_kernels.types import uses_first_order
 
 CONFIGS = [
     dict(mode="torch", granularity="-"),  # torch.optim.AdamW (foreach): the engines' own cost
@@ -92,7 +93,7 @@ def _inputs(batch: int, length: int, vocab: int, seed: int, rank: int, world: in
 
 
 def _step(kind, net, model, opt, counter, inputs, labels, cfg, world):
-    two_pass = cfg["mode"] in ("first", "ensemble")
+    two_pass = uses_first_order(cfg["mode"])
     mode = "off" if cfg["mode"] == "torch" else cfg["mode"]
     params = [p for p in model.parameters() if p.requires_grad]
     sync = net.no_sync() if kind == "ddp" and two_pass else contextlib.nullcontext()

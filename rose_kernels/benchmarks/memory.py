@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from rose_kernels.types import uses_first_order
+
 CONFIGS = [("torch AdamW fused", None, None)] + [
     (f"rose {mode}/{gran}", mode, gran)
     for mode in ("off", "second", "first", "ensemble")
@@ -61,7 +63,7 @@ def child(config: str, layout_name: str, device: str, backend: str) -> dict:
         opt = RoseAdamW(layout.groups(with_rose_key=True), **HYPER, mode=mode, granularity=gran,
                         backend=backend, **ROSE_INTERVAL)
     for _ in range(3):
-        if mode in ("first", "ensemble"):
+        if uses_first_order(mode):
             layout.set_grads(layout.kl_grads)
             opt.record_first_order()
         layout.set_grads(layout.grads)

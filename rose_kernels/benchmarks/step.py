@@ -31,6 +31,7 @@ import torch
 
 import rose_kernels
 from rose_kernels import RoseAdamW, is_eligible
+from rose_kernels.types import uses_first_order
 
 # The checkout this runs from (results go to its bench/results/ unless --out says otherwise).
 REPO = Path(__file__).resolve().parents[2]
@@ -199,7 +200,7 @@ class Config:
 
     @property
     def first_order(self) -> bool:
-        return self.mode in ("first", "ensemble")
+        return uses_first_order(self.mode)
 
     def byte_model(self) -> tuple[float, str]:
         if self.family == "copy":
