@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from rose_kernels import RoseAdamW, is_eligible  # noqa: E402
 from rose_kernels.benchmarks import step as bench_step  # noqa: E402  (layouts, byte models, machine info)
+from rose_kernels.types import uses_first_order  # noqa: E402
 
 TORCH_CONFIGS = [("torch AdamW fused", None, "fused", None), ("torch AdamW foreach", None, "foreach", None)]
 ROSE_CONFIGS = [("off", "tensor"), ("second", "tensor"), ("second", "element"), ("ensemble", "element")]
@@ -124,7 +125,7 @@ def bench_layout(layout: str, rounds: int, device: torch.device, backends: list[
 
     def step(name):
         opt = opts[name]
-        if modes[name] in ("first", "ensemble"):
+        if uses_first_order(modes[name]):
             for p, g in zip(params, kl, strict=True):
                 p.grad = g
             opt.record_first_order()
@@ -177,7 +178,7 @@ def select_op(backend: str):
 def bench_select(elements: int, rounds: int, device: torch.device, backend: str = "triton") -> dict:
     """Two thresholds (0th and 60th percentile) of N(0, 1) scores' magnitudes, without and with the
     previous call's guesses (what an optimizer step has), against one torch.sum."""
-    from rose_kernels.backends.fused import new_guesses
+    from rose_kernels.backends.quantiles import new_guesses
 
     element_thresholds = select_op(backend)
 

@@ -15,6 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from rose_kernels import RoseAdamW  # noqa: E402
+from rose_kernels.dtypes import opmath_dtype  # noqa: E402
+from rose_kernels.types import uses_first_order  # noqa: E402
+
+# tests/test_optim.py imports ``opmath`` from here (the package's one definition).
+opmath = opmath_dtype
 
 
 def skip_module_unless_triton_runs() -> None:
@@ -27,7 +32,7 @@ def skip_module_unless_triton_runs() -> None:
                     allow_module_level=True)
 
 
-# Every Triton kernel variant the interpreted tests launch (``aot.variant_key``), so that
+# Every Triton kernel variant the interpreted tests launch (``tables.variant_key``), so that
 # test_triton_aot.py can check that each one also compiles for the GPU targets.
 INTERPRETED_LAUNCHES: set[str] = set()
 
@@ -40,7 +45,7 @@ def _record_interpreted_launches():
     try:
         from triton.runtime.interpreter import InterpretedFunction
 
-        from rose_kernels.backends.triton.aot import variant_key
+        from rose_kernels.backends.triton.tables import variant_key
     except ImportError:
         yield
         return
@@ -89,7 +94,7 @@ def seed() -> int:
 
 
 def needs_first(mode: str) -> bool:
-    return mode in ("first", "ensemble")
+    return uses_first_order(mode)
 
 
 def randn(shape, dtype: torch.dtype, gen: torch.Generator, *, zero_frac: float = 0.0, scale: float = 1.0):
@@ -98,10 +103,6 @@ def randn(shape, dtype: torch.dtype, gen: torch.Generator, *, zero_frac: float =
     if zero_frac > 0:
         x = torch.where(torch.rand(shape, dtype=torch.float64, generator=gen) < zero_frac, 0.0, x)
     return x.to(dtype)
-
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def all_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -223,7 +224,7 @@ def assert_optimizers_match(
         assert float(sa["step"]) == float(sb["step"]), (
             f"{where}: step {float(sa['step'])} vs {float(sb['step'])}"
         )
-        assert sa["exp_avg"].dtype == sb["exp_avg"].dtype == opmath(a.dtype), where
+        assert sa["exp_avg"].dtype == sb["exp_avg"].dtype == opmath_dtype(a.dtype), where
         assert_state_close(sa["exp_avg"], sb["exp_avg"], a.dtype, where + " exp_avg")
         assert_state_close(sa["exp_avg_sq"], sb["exp_avg_sq"], a.dtype, where + " exp_avg_sq")
     ka, kb = opt_a.mask_stats(), opt_b.mask_stats()

@@ -40,7 +40,9 @@ if not cuda_backend_runs():
                 "(rose_kernels.ops.built_with_cuda() is False or there is no GPU)", allow_module_level=True)
 
 import rose_kernels  # noqa: E402
-from rose_kernels.backends.fused import native_ops, new_guesses  # noqa: E402
+from rose_kernels.backends.fused import native_ops  # noqa: E402
+from rose_kernels.backends.quantiles import new_guesses  # noqa: E402
+from rose_kernels.dtypes import opmath_dtype  # noqa: E402
 from rose_kernels.ops import HYPER_COLUMNS, SELECT_AUTO, SELECT_RADIX  # noqa: E402
 
 OPS = native_ops()  # torch.ops.rose_kernels.<op>.default: the CUDA kernels for CUDA tensors, the oracle on CPU ones
@@ -51,10 +53,6 @@ DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.bfloat16: "bf16",
 # a million elements; the ~300 small tensors below span several launch tables.
 SIZES = (0, 1, 4095, 4097, 16385, 65537, (1 << 20) + 3)
 N_SMALL = 300
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dtypes(spec, count: int, rng: random.Random) -> list[torch.dtype]:
@@ -163,7 +161,7 @@ def _threshold_inputs(seed: int, dtype, second_order: bool, *, small: int = N_SM
     for n, dt in zip(sizes, dtypes, strict=True):
         x = _input(n, dt, gen, rng.choice(["normal", "normal", "wide", "ties", "zeros"]))
         if second_order:
-            om = _opmath(dt)
+            om = opmath_dtype(dt)
             m = _input(n, om, gen, rng.choice(["normal", "wide", "ties"]))
             m[torch.rand(n, generator=gen) < 0.15] = 0.0  # undefined scores
             if n > 0 and rng.random() < 0.3:  # +inf scores: huge g over tiny m
@@ -451,6 +449,7 @@ import sys
 import torch
 
 from rose_kernels import RoseAdamW
+from rose_kernels.types import uses_first_order
 
 seed = int(sys.argv[1])
 gen = torch.Generator().manual_seed(seed)
@@ -463,7 +462,7 @@ for mode in {modes!r}:
                         mode=mode, granularity="element", scope=scope, lower=10.0, upper=70.0,
                         nonfinite="skip", backend="cuda")
         for t in range(3):
-            if mode in ("first", "ensemble"):
+            if uses_first_order(mode):
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=gen).to(p.dtype).cuda()
                 opt.record_first_order()

@@ -18,6 +18,7 @@ from torch.library import opcheck
 from torch.testing._internal.optests.aot_autograd import aot_autograd_check
 
 from rose_kernels import ops, reference
+from rose_kernels.dtypes import opmath_dtype
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason=f"extension not built: {ops.EXTENSION_ERROR}")
 
@@ -25,10 +26,6 @@ FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 INF = math.inf
 NAN = math.nan
-
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    return reference.opmath_dtype(dtype)
 
 
 def make_tables(n: int, **values: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +82,7 @@ def adamw_inputs(dtypes, sizes, gen: torch.Generator, *, masks=None, steps=None)
     """Fresh (params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks) for masked_adamw_."""
     params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks = [], [], [], [], [], []
     for i, (dtype, n) in enumerate(zip(dtypes, sizes, strict=True)):
-        om = opmath(dtype)
+        om = opmath_dtype(dtype)
         params.append(torch.randn(n, dtype=torch.float64, generator=gen).to(dtype))
         grads.append(torch.randn(n, dtype=torch.float64, generator=gen).to(dtype))
         exp_avgs.append(torch.randn(n, dtype=torch.float64, generator=gen).to(om) * 0.1)
@@ -173,7 +170,7 @@ def test_opcheck_element_thresholds(seed, dtypes, sizes, pooled, strategy, globa
     gen = torch.Generator().manual_seed(seed)
     a = [torch.randn(n, dtype=torch.float64, generator=gen).to(d) for d, n in zip(dtypes, sizes, strict=True)]
     b = [
-        torch.randn(n, dtype=torch.float64, generator=gen).to(opmath(d))
+        torch.randn(n, dtype=torch.float64, generator=gen).to(opmath_dtype(d))
         for d, n in zip(dtypes, sizes, strict=True)
     ]
     scales = torch.full((len(a),), 0.1, dtype=torch.float64)
@@ -925,7 +922,7 @@ def _check_masks(grads, thresholds, masks, kept, msg):
         lo, hi = thresholds[i].tolist()
         n = g.numel()
         got = unpack_bits(mask, n)
-        want = reference.in_interval(g.to(opmath(g.dtype)).abs(), lo, hi)
+        want = reference.in_interval(g.to(opmath_dtype(g.dtype)).abs(), lo, hi)
         if not torch.equal(got, want):
             bad = (got != want).nonzero().flatten()[:5].tolist()
             raise AssertionError(
@@ -941,7 +938,7 @@ def _check_masks(grads, thresholds, masks, kept, msg):
 
 def _random_bounds(g: torch.Tensor, gen: torch.Generator) -> tuple[float, float]:
     """Thresholds: random doubles between scores, or exact score values (inclusive ends)."""
-    s = g.to(opmath(g.dtype)).abs().to(torch.float64)
+    s = g.to(opmath_dtype(g.dtype)).abs().to(torch.float64)
     kind = torch.randint(0, 4, (), generator=gen).item()
     if s.numel() == 0 or kind == 0:
         lo, hi = sorted(torch.rand(2, dtype=torch.float64, generator=gen).mul(2).tolist())

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rose_kernels import ops, reference
+from rose_kernels.dtypes import opmath_dtype
 
 pytestmark = pytest.mark.skipif(not ops.available(), reason=f"extension not built: {ops.EXTENSION_ERROR}")
 
@@ -51,10 +52,6 @@ RADIX_READS = {torch.float32: 1 + 2, torch.float64: 1 + 4}
 # ------------------------------------------------------------------------------------------------
 # Helpers: input generation, the expected pools, exact comparison with a useful message
 # ------------------------------------------------------------------------------------------------
-
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    return reference.opmath_dtype(dtype)
 
 
 def draw(n: int, dtype: torch.dtype, gen: torch.Generator, *, zero_frac: float = 0.0, scale: float = 1.0):
@@ -115,7 +112,7 @@ def expected_reads(a, global_pool, strategy, pooled=None) -> list[set[float]]:
         total = sum(x.numel() for x in xs)
         if total <= DIRECT_POOL:
             return {2.0}
-        radix = float(RADIX_READS[opmath(xs[0].dtype)])
+        radix = float(RADIX_READS[opmath_dtype(xs[0].dtype)])
         return {radix} if strategy == ops.SELECT_RADIX else {1.0, radix}
 
     if global_pool:
@@ -230,7 +227,7 @@ PER_TENSOR_SIZES = (1, 2, 3, 10, 1000, DIRECT_POOL, DIRECT_POOL + 1, 100_003)
 def test_per_tensor_pools_match_reference(seed, dtype, with_b, strategy):
     gen = torch.Generator().manual_seed(seed)
     a = [draw(n, dtype, gen, zero_frac=0.05) for n in PER_TENSOR_SIZES]
-    b = [draw(n, opmath(dtype), gen, zero_frac=0.2, scale=0.1) for n in PER_TENSOR_SIZES] if with_b else []
+    b = [draw(n, opmath_dtype(dtype), gen, zero_frac=0.2, scale=0.1) for n in PER_TENSOR_SIZES] if with_b else []
     scales = [0.1 * (i + 1) for i in range(len(a))] if with_b else []
     q_pairs = [*Q_PAIRS, tuple(sorted(torch.rand(2, dtype=torch.float64, generator=gen).tolist()))]
     check_calls(a, b, scales, q_pairs, False, strategy, f"seed={seed}")
@@ -255,7 +252,7 @@ def test_per_tensor_pools_match_reference(seed, dtype, with_b, strategy):
 def test_global_pool_matches_reference(seed, dtypes, sizes, with_b, strategy):
     gen = torch.Generator().manual_seed(seed)
     a = [draw(n, d, gen, zero_frac=0.05) for d, n in zip(dtypes, sizes, strict=True)]
-    b = [draw(n, opmath(d), gen, zero_frac=0.3) for d, n in zip(dtypes, sizes, strict=True)] if with_b else []
+    b = [draw(n, opmath_dtype(d), gen, zero_frac=0.3) for d, n in zip(dtypes, sizes, strict=True)] if with_b else []
     scales = [0.1] * len(a) if with_b else []
     q_pairs = [*Q_PAIRS, tuple(sorted(torch.rand(2, dtype=torch.float64, generator=gen).tolist()))]
     check_calls(a, b, scales, q_pairs, True, strategy, f"seed={seed}")
@@ -301,7 +298,7 @@ def test_per_tensor_pools_may_mix_float64_and_float32(seed):
     for dtypes in ((torch.float32, torch.float64), (torch.float64, torch.bfloat16, torch.float32)):
         for n in (100, 50_000):
             a = [draw(n + i, d, gen) for i, d in enumerate(dtypes)]
-            b = [draw(n + i, opmath(d), gen, zero_frac=0.1) for i, d in enumerate(dtypes)]
+            b = [draw(n + i, opmath_dtype(d), gen, zero_frac=0.1) for i, d in enumerate(dtypes)]
             for strategy in STRATEGIES.values():
                 msg = f"seed={seed} dtypes={dtypes} n={n}"
                 check_calls(a, [], [], [(0.3, 0.6)], False, strategy, msg)
@@ -324,7 +321,7 @@ def test_unpooled_tensors_stay_out_of_every_pool(seed, dtype, with_b, strategy):
     sizes = (1000, 7, DIRECT_POOL + 1, 100_003, 0, 20_000)
     pooled = [True, False, True, False, True, False]
     a = [draw(n, dtype, gen, zero_frac=0.05, scale=1.0 if p else 1000.0) for n, p in zip(sizes, pooled, strict=True)]
-    b = [draw(n, opmath(dtype), gen, zero_frac=0.2, scale=0.1) for n in sizes] if with_b else []
+    b = [draw(n, opmath_dtype(dtype), gen, zero_frac=0.2, scale=0.1) for n in sizes] if with_b else []
     scales = [0.1 * (i + 1) for i in range(len(a))] if with_b else []
     q_pairs = [(0.3, 0.6), (0.0, 1.0), tuple(sorted(torch.rand(2, dtype=torch.float64, generator=gen).tolist()))]
     for glob in (False, True):
@@ -387,10 +384,10 @@ def test_full_reads_column(seed, global_pool):
             for sizes in ((1,), (10,), (DIRECT_POOL,), (DIRECT_POOL - 5, 5)):
                 a = [draw(n, dtype, gen) for n in sizes]
                 assert reads(a, strategy) == 2, f"seed={seed} {dtype} sizes={sizes} strategy={strategy}"
-            b = [draw(DIRECT_POOL, opmath(dtype), gen, zero_frac=0.5)]
+            b = [draw(DIRECT_POOL, opmath_dtype(dtype), gen, zero_frac=0.5)]
             assert reads([draw(DIRECT_POOL, dtype, gen)], strategy, b=b) == 2, f"seed={seed} {dtype} with b"
     for dtype in FLOATS:
-        want = RADIX_READS[opmath(dtype)]
+        want = RADIX_READS[opmath_dtype(dtype)]
         assert want == (5 if dtype == torch.float64 else 3)
         for sizes in ((DIRECT_POOL + 1,), (100_003,), (DIRECT_POOL, 1)):
             a = [draw(n, dtype, gen) for n in sizes]
@@ -400,7 +397,7 @@ def test_full_reads_column(seed, global_pool):
                 assert reads(a, ops.SELECT_AUTO, q) == 1, f"{msg} auto"
         # Past DIRECT_POOL by its element count, with b == 0 (undefined scores) almost everywhere.
         n = DIRECT_POOL + 100
-        a, b = [draw(n, dtype, gen)], [draw(n, opmath(dtype), gen, zero_frac=0.999)]
+        a, b = [draw(n, dtype, gen)], [draw(n, opmath_dtype(dtype), gen, zero_frac=0.999)]
         assert reads(a, ops.SELECT_RADIX, b=b) == want, f"seed={seed} {dtype} sparse b"
     # Unpooled: a row of its own (per-tensor scope) that nothing read.
     a = [draw(n, torch.float32, gen) for n in (100_003, 10)]
@@ -420,14 +417,14 @@ def test_empty_pools(seed, dtype, strategy):
     gen = torch.Generator().manual_seed(seed)
     sizes = (0, 1, 9, DIRECT_POOL + 5, 100_000)
     a = [draw(n, dtype, gen) for n in sizes]
-    b = [torch.zeros(n, dtype=opmath(dtype)) for n in sizes]  # every score undefined
+    b = [torch.zeros(n, dtype=opmath_dtype(dtype)) for n in sizes]  # every score undefined
     for glob in (False, True):
         for out in check_calls(a, b, [0.1] * len(a), Q_PAIRS, glob, strategy, f"seed={seed}"):
             assert out[:, :2].isnan().all() and (out[:, COUNT:READS] == 0).all(), f"seed={seed}: {out.tolist()}"
     for out in check_calls([a[0]], [], [], Q_PAIRS, False, strategy, f"seed={seed} numel 0"):
         assert out[0, :2].isnan().all() and out[0, 2] == 0
     # Defined scores in one tensor only: the empty ones still get a NaN row of their own.
-    b[3] = draw(sizes[3], opmath(dtype), gen)
+    b[3] = draw(sizes[3], opmath_dtype(dtype), gen)
     for glob in (False, True):
         check_calls(
             a, b, [0.1] * len(a), [(0.3, 0.6), (0.0, 1.0)], glob, strategy, f"seed={seed} one defined"
@@ -441,7 +438,7 @@ def test_single_defined_score(seed, dtype, strategy, total):
     """A pool with one defined score, hidden among `total` elements whose b is 0."""
     gen = torch.Generator().manual_seed(seed)
     a = draw(total, dtype, gen)
-    b = torch.zeros(total, dtype=opmath(dtype))
+    b = torch.zeros(total, dtype=opmath_dtype(dtype))
     j = int(torch.randint(0, total, (), generator=gen))
     b[j] = 0.37
     value = float(reference.second_order_element_scores(a[j : j + 1], b[j : j + 1], 0.1)[0])
@@ -449,7 +446,7 @@ def test_single_defined_score(seed, dtype, strategy, total):
         assert out[0, :READS].tolist() == [value, value, 1.0, 0.0], f"seed={seed}"
     single = draw(1, dtype, gen)
     out = thresholds([single, single], [], [], 0.3, 0.6, False, strategy)
-    assert out[:, :2].eq(float(single.to(opmath(dtype)).abs())).all(), f"seed={seed}: {out.tolist()}"
+    assert out[:, :2].eq(float(single.to(opmath_dtype(dtype)).abs())).all(), f"seed={seed}: {out.tolist()}"
 
 
 def _tie_qs(n: int, t: int, gen) -> list[float]:
@@ -501,11 +498,11 @@ def test_inf_scores_from_finite_inputs(seed, dtype, strategy, n):
     gen = torch.Generator().manual_seed(seed)
     big = torch.finfo(dtype).max / 4
     a = draw(n, dtype, gen)
-    b = draw(n, opmath(dtype), gen)
+    b = draw(n, opmath_dtype(dtype), gen)
     hit = torch.rand(n, generator=gen) < 0.1
     hit[-1] = True
     a[hit] = big
-    b[hit] = torch.finfo(opmath(dtype)).tiny
+    b[hit] = torch.finfo(opmath_dtype(dtype)).tiny
     pool = pool_parts([a], [b], [0.5])[0]
     n_inf = int(torch.isinf(pool).sum())
     assert n_inf >= 1
@@ -735,8 +732,8 @@ def test_finite_inputs_do_not_set_the_flag(seed, dtype, strategy, n):
     big = torch.finfo(dtype).max
     a = draw(n, dtype, gen)
     a[0], a[-1] = big, -big  # largest finite values are not "non-finite"
-    b = draw(n, opmath(dtype), gen, zero_frac=0.3)
-    b[1] = torch.finfo(opmath(dtype)).max
+    b = draw(n, opmath_dtype(dtype), gen, zero_frac=0.3)
+    b[1] = torch.finfo(opmath_dtype(dtype)).max
     for args in (([a], [], []), ([a], [b], [0.1])):
         out = thresholds(*args, 0.3, 0.6, False, strategy)
         assert out[0, FLAG] == 0, f"seed={seed}: {out.tolist()}"
@@ -757,8 +754,8 @@ def test_finite_unpooled_inputs_do_not_set_the_flag(seed, dtype, n, global_pool)
     a = draw(n, dtype, gen)
     a[0], a[-1] = big, -big
     clean = draw(n, dtype, gen)
-    b = [draw(n, opmath(dtype), gen), draw(n, opmath(dtype), gen, zero_frac=0.3)]
-    b[1][1] = torch.finfo(opmath(dtype)).max
+    b = [draw(n, opmath_dtype(dtype), gen), draw(n, opmath_dtype(dtype), gen, zero_frac=0.3)]
+    b[1][1] = torch.finfo(opmath_dtype(dtype)).max
     for args in (([clean, a], [], []), ([clean, a], b, [0.1, 0.1])):
         for strategy in STRATEGIES.values():
             out = thresholds(*args, 0.3, 0.6, global_pool, strategy, pooled=[True, False])
@@ -814,7 +811,7 @@ def test_property_matches_sorted_order_statistics(
     a = [_tensor(_values(rng, s, dist, dtype), dtype) for s in sizes]
     b, scales = [], []
     if second_order:
-        om = opmath(dtype)
+        om = opmath_dtype(dtype)
         b = [_tensor(_values(rng, s, rng.choice(["normal", "duplicates", "zeros"]), om), om) for s in sizes]
         scales = rng.choice([0.1, 1.0, 0.37], len(a)).tolist()
     # `unpooled`: a random subset of the tensors (possibly none, possibly all) stays out of the pools.

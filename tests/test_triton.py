@@ -168,7 +168,7 @@ def test_kept_fractions_and_cache_across_steps(backend, seed):
                     opt.state[all_params(opt)[1]]["exp_avg"].mul_(3.0)
         prob.step()
         prob.check(f"t={t}")
-    assert isinstance(prob.opts[0]._kept_values, torch.Tensor)
+    assert isinstance(prob.opts[0]._kept.values, torch.Tensor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_select_guesses_change_speed_not_results(seed, global_pool):
     digit passes, the window pass around the found buckets), a hit (1), a miss after the scores
     moved (4), an overflow of the candidate region by ties (4 + the 3 digit passes of a float32
     window over the pool): the same exact thresholds every time."""
-    from rose_kernels.backends.triton.select import new_guesses
+    from rose_kernels.backends.quantiles import new_guesses
 
     gen = torch.Generator().manual_seed(seed)
     sizes = [3 * BLOCK + 5, 2 * BLOCK - 3]

@@ -1,8 +1,8 @@
 """Every Triton kernel variant the backend launches compiles for the GPU targets, without a GPU.
 
 The interpreted tests (test_triton.py, conftest.py sets TRITON_INTERPRET=1 without a GPU) run the
-kernels as Python, which accepts code the compiler rejects. Here `rose_kernels.backends.triton.aot`
-drives real optimizer steps (every mode, granularity, scope, dtype, aligned or not, float or tensor
+kernels as Python, which accepts code the compiler rejects. Here `tools/triton_aot.py` drives
+real optimizer steps (every mode, granularity, scope, dtype, aligned or not, float or tensor
 lr) in a fresh process where each launch is compiled for cuda:80 and cuda:90 by Triton's own
 LLVM and ptxas instead of run; a variant that does not compile, spills registers, uses local memory
 or more shared memory than an sm_80 block may, fails. The variants the interpreted tests of this
@@ -11,11 +11,11 @@ the compiled ones, so a kernel variant cannot be tested interpreted and never co
 
 The oldest Triton the kernels compile with is 3.4.0 (pyproject.toml's floor): 3.2 and 3.3 have
 no `mask=` in `tl.histogram` (the digit and candidate passes fail there, every other variant
-compiles). Checked on 2026-11-29 by running `python -m rose_kernels.backends.triton.aot` in venvs
-with triton 3.2.0, 3.3.1, 3.4.0 and 3.5.1 beside torch 2.13.0: 3.5.1 and 3.6.0 compile all 152
-variants with no spill; 3.4.0 compiles all 152 but spills 4 bytes in one (the window pass of
-first-order float32 scores with unaligned tensors, sm_90), so this test's no-spill rule holds from
-3.5 on; `make test` pins 3.6.0.
+compiles). Checked on 2026-11-29 by running this compile (`tools/triton_aot.py`, then the module
+`rose_kernels.backends.triton.aot`) in venvs with triton 3.2.0, 3.3.1, 3.4.0 and 3.5.1 beside
+torch 2.13.0: 3.5.1 and 3.6.0 compile all 152 variants with no spill; 3.4.0 compiles all 152 but
+spills 4 bytes in one (the window pass of first-order float32 scores with unaligned tensors,
+sm_90), so this test's no-spill rule holds from 3.5 on; `make test` pins 3.6.0.
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import INTERPRETED_LAUNCHES
 
 pytest.importorskip("triton")
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "rose_kernels.backends.triton.aot", "--json", str(out)],
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_aot.py"), "--json", str(out)],
                          env=env, capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"the compile run crashed (exit {run.returncode}):\n{run.stderr[-6000:]}"
     report = json.loads(out.read_text())

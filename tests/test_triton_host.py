@@ -116,7 +116,7 @@ def test_captured_step_owns_every_table_it_read(seed, mode, granularity, monkeyp
         spy = _Spy(patch)
         patch.setattr(device_tables, "capturing", lambda device: True)
         _step(opt, params, gen)
-    used = spy.tensors + [opt._kept_values, opt._workspace["lr"].on_device]
+    used = spy.tensors + [opt._kept.values, opt._workspace["lr"].on_device]
     used += [opt._workspace[k] for k in ("first", "second") if k in opt._workspace]
     assert used and all(isinstance(t, torch.Tensor) for t in used)
     held = opt._graph_keepalive
@@ -168,17 +168,17 @@ def test_captured_skip_keeps_fractions_in_one_buffer(seed, monkeypatch):
     fractions of the step before it from there, not from a tensor the next eager step drops)."""
     opt, params, gen = _setup(seed, granularity="element")
     _step(opt, params, gen)
-    buffer = opt._kept_values
+    buffer = opt._kept.values
     stats = opt.mask_stats()
     with monkeypatch.context() as patch:
         patch.setattr(device_tables, "capturing", lambda device: True)
         with _no_rose_warning():
             _step(opt, params, gen, bad=math.nan)
-    assert opt._kept_values is buffer and any(buffer is h for h in opt._graph_keepalive)
+    assert opt._kept.values is buffer and any(buffer is h for h in opt._graph_keepalive)
     with pytest.warns(RuntimeWarning, match="1 step was skipped"):
         assert opt.mask_stats() == stats, seed
     _step(opt, params, gen)
-    assert opt._kept_values is buffer
+    assert opt._kept.values is buffer
 
 
 def test_float_lr_changed_during_capture_raises(seed, monkeypatch):

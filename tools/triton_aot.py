@@ -2,7 +2,7 @@
 on a machine without a GPU.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run the kernels on the CPU) executes
-kernels as Python and accepts code that the compiler rejects. So this module drives the real
+kernels as Python and accepts code that the compiler rejects. So this tool drives the real
 optimizer step (``RoseAdamW(backend="triton")`` over every mode, granularity, scope, dtype and
 learning-rate kind) with CPU tensors while a target-only driver stands in for the GPU: each launch
 is compiled for ``cuda:80`` / ``cuda:90`` (Triton ships LLVM and ``ptxas``) instead of run, with
@@ -11,9 +11,10 @@ on the host, so the launches are exactly those of a GPU step.
 
 For each compiled variant ``ptxas -v`` reports registers, spills and stack, the cubin's metadata
 the shared memory, the PTX the width of the global loads, and ``cuobjdump -sass`` the instruction
-count. ``python -m rose_kernels.backends.triton.aot --markdown FILE`` writes the table;
-``tests/test_triton_aot.py`` runs it in ``make test`` and fails on a kernel that does not compile,
-spills, or uses more shared memory than an sm_80 block may.
+count. ``python tools/triton_aot.py --markdown FILE`` writes the table (from any directory: the
+script imports the ``rose_kernels`` of its repository); ``tests/test_triton_aot.py`` runs it in
+``make test`` and fails on a kernel that does not compile, spills, or uses more shared memory than
+an sm_80 block may.
 
 Must run in a process where ``TRITON_INTERPRET`` is unset when Triton is imported (the kernels are
 then compiler objects, not interpreter ones).
@@ -32,13 +33,18 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
+# The repository's package, wherever this script is run from (``python tools/triton_aot.py``).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from rose_kernels.backends.triton import tables  # noqa: E402
 
 # sm_80's largest shared memory per block (opt-in), the tightest of the targets.
 SM80_MAX_SHARED = 163 * 1024
 ARCHS = (80, 90)
-# Constexprs that size a launch rather than choose code: the interpreter uses other values.
-SIZE_CONSTEXPRS = ("BLOCK", "CHUNK", "CHUNKS")
 
 
 @dataclass
@@ -59,33 +65,6 @@ class Variant:
     sass: int = 0
     loads: dict = field(default_factory=dict)  # PTX global loads by width: v4, v2, scalar
     compile_s: float = 0.0
-
-
-def _describe(value) -> str:
-    """The type of one kernel argument, as specialization sees it."""
-    if isinstance(value, torch.Tensor):
-        return f"*{str(value.dtype).removeprefix('torch.')}"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    return repr(value)
-
-
-def variant_key(fn, args: tuple, kwargs: dict) -> str:
-    """What decides a kernel's code: its name, argument types and code-choosing constexprs. The
-    same key is computed for interpreted launches (tests) and compiled ones (here)."""
-    names = list(fn.arg_names)
-    bound = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
-    parts = []
-    for name in names:
-        if name in SIZE_CONSTEXPRS or name not in bound:
-            continue
-        value = bound[name]
-        parts.append(f"{name}={value!r}" if name.isupper() else f"{name}:{_describe(value)}")
-    return f"{fn.fn.__name__}({', '.join(parts)})"
 
 
 class _TargetOnlyDriver:
@@ -116,10 +95,8 @@ def compile_only(arch: int, compiled: dict):
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    from rose_kernels.backends.triton import tables
-
     if tables.interpreting():
-        raise RuntimeError("aot.compile_only needs TRITON_INTERPRET unset before Triton is imported")
+        raise RuntimeError("triton_aot.compile_only needs TRITON_INTERPRET unset before Triton is imported")
     original_run = JITFunction.run
     # No public getter works without a GPU (it would create the CUDA driver); the attribute is
     # ``_active`` from Triton 3.5, ``active`` before.
@@ -127,7 +104,7 @@ def compile_only(arch: int, compiled: dict):
     previous_driver = getattr(driver, slot)
 
     def run(self, *args, grid, warmup, **kwargs):
-        key = variant_key(self, args, kwargs)
+        key = tables.variant_key(self, args, kwargs)
         if key not in compiled:
             started = time.perf_counter()
             try:
@@ -165,6 +142,7 @@ def _unaligned(shape, dtype) -> torch.Tensor:
 def drive_every_step(*, log=print) -> int:
     """Runs RoseAdamW(backend="triton") steps over every configuration; returns how many."""
     from rose_kernels import RoseAdamW
+    from rose_kernels.types import uses_first_order
 
     shapes = [(5,), (3, 700), (9000,), (0,)]
     layouts = {
@@ -192,7 +170,7 @@ def drive_every_step(*, log=print) -> int:
                     opt = RoseAdamW(groups, lr=lr, mode=mode, granularity=granularity, scope=scope,
                                     backend="triton", nonfinite="skip")
                     for _ in range(2):
-                        if mode in ("first", "ensemble"):
+                        if uses_first_order(mode):
                             for p in params:
                                 p.grad = make(p.shape, p.dtype)
                             opt.record_first_order()
@@ -335,7 +313,7 @@ def to_markdown(variants: list[Variant], meta: dict) -> str:
         f"triton {meta['triton']}, torch {meta['torch']}, git {meta['git']}. Every kernel variant that "
         "`RoseAdamW(backend=\"triton\")` launches (every mode, granularity, scope, parameter dtype, "
         "aligned or not, float or tensor lr) compiled for each target without a GPU "
-        "(`python -m rose_kernels.backends.triton.aot`). Registers and spills from `ptxas -v`; "
+        "(`python tools/triton_aot.py`). Registers and spills from `ptxas -v`; "
         "shared memory from the compiled kernel; loads: global loads in the PTX by width (16 bytes "
         "are v4 of 32-bit or v2 of 64-bit words; the scalar ones include the per-tensor table reads "
         "and the masked tail of a tensor); SASS: static instruction count.", "",

@@ -19,8 +19,8 @@ on every rank (so are the masks):
   ranks when :meth:`RoseAdamW.mask_stats` is called (a collective call under sharding).
 
 The element scores come from ``rose_kernels.reference`` (the oracle: the same opmath arithmetic as
-the kernels) and the quantile from ``fused.quantile_ranks`` / ``fused.interpolate``; the masks and
-the update stay in the kernels, which receive the global thresholds.
+the kernels) and the quantile from ``quantiles.quantile_ranks`` / ``quantiles.interpolate``; the
+masks and the update stay in the kernels, which receive the global thresholds.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from rose_kernels.backends.fused import interpolate, quantile_ranks
+from rose_kernels.backends.quantiles import interpolate, quantile_ranks
+from rose_kernels.dtypes import opmath_dtype
 from rose_kernels.ops import THRESHOLD_COLUMNS
-from rose_kernels.reference import first_order_element_scores, opmath_dtype, second_order_element_scores
+from rose_kernels.reference import first_order_element_scores, second_order_element_scores
 
 # Digit widths of the radix select, from the bit below the sign bit down (31 bits of a float32 key,
 # 63 of a float64 one). The first digit holds the exponent and the top mantissa bits (1/16 octave

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from rose_kernels.backends.triton import tables
-from rose_kernels.backends.triton.select import in_bounds
+from rose_kernels.backends.triton.rose_math import in_bounds
+from rose_kernels.dtypes import opmath_dtype
 from rose_kernels.ops import schema_of
 
 
@@ -131,7 +132,7 @@ def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: li
                 blocks.block_tensor, blocks.block_start, _numels(group, device),
                 tables.addresses(group, device=device), tables.addresses([masks[i] for i in index], device=device),
                 group_bounds, partials,
-                DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)],
+                DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[opmath_dtype(dtype)],
                 ALIGNED=tables.aligned_addresses(group), BLOCK=blocks.block, num_warps=tables.warps("reduce"),
             )
         tables.put(out, index, segment_sum(partials, blocks, len(group))[:, 0])

@@ -20,7 +20,7 @@ around where the rank is expected.
   passes over the full pool instead.
 
 Why 8-bit digits and no histogram in the window pass: ``tl.histogram`` lowers to warp ballots whose
-cost grows with the bins. Compiled for sm_90 (``python -m rose_kernels.backends.triton.aot``,
+cost grows with the bins. Compiled for sm_90 (``python tools/triton_aot.py``,
 bench/results/triton-aot-*.md), a masked histogram costs ~15.6 warp-instructions per key at 4096
 bins, 2.9 at 256 and 1.7 at 16, while an H200 streaming g and m (8 bytes per element) can issue
 ~1.7 per element before the pass stops being memory-bound. The window pass only counts and
@@ -39,9 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
-from rose_kernels.backends.fused import interpolate, new_guesses
-from rose_kernels.backends.fused import quantile_ranks as _ranks
+from rose_kernels.backends.quantiles import interpolate, new_guesses
+from rose_kernels.backends.quantiles import quantile_ranks as _ranks
 from rose_kernels.backends.triton import tables
+from rose_kernels.backends.triton.rose_math import element_score
+from rose_kernels.dtypes import opmath_dtype
 from rose_kernels.ops import GUESS_RANKS, SELECT_RADIX, schema_of
 
 RANKS = GUESS_RANKS  # x_k and x_{k+1} for each of the two thresholds
@@ -49,43 +51,6 @@ GUESS_BITS = 12  # windows are made of top-12-bit buckets of the keys (1/16 octa
 DIGIT_BITS = 8  # radix digit of the histogram passes (256 bins)
 BINS = 1 << DIGIT_BITS
 MISS_DIGITS = (8, 4)  # a miss finds the top 12 bits of each rank in two full passes
-# A module global read inside a kernel must be a constexpr for the compiler (not the interpreter).
-_INF = tl.constexpr(float("inf"))
-INF = float("inf")
-
-
-@triton.jit
-def precise_div(a, b, OPMATH: tl.constexpr):
-    """IEEE division (the default float32 division on the GPU may be approximate)."""
-    if OPMATH == tl.float64:
-        return a / b
-    else:
-        return tl.div_rn(a, b)
-
-
-@triton.jit
-def precise_sqrt(a, OPMATH: tl.constexpr):
-    if OPMATH == tl.float64:
-        return tl.sqrt(a)
-    else:
-        return tl.sqrt_rn(a)
-
-
-@triton.jit
-def element_score(g, m, c, SECOND: tl.constexpr, OPMATH: tl.constexpr):
-    """The element score in the opmath type (semantics.md section 2) and where it is defined."""
-    if SECOND:
-        return tl.abs(precise_div(c * g, m, OPMATH) - 1.0), m != 0.0
-    else:
-        return tl.abs(g), g == g
-
-
-@triton.jit
-def in_bounds(s, lo, hi):
-    """``lo <= s <= hi`` for float64 scores (semantics.md section 3): +inf only if ``lo`` is +inf.
-
-    (``tl.where`` rather than ``|`` of a scalar and a block: the interpreter cannot or those.)"""
-    return (s >= lo) & (s <= hi) & tl.where(lo == _INF, True, s < _INF)
 
 
 @triton.jit
@@ -341,7 +306,7 @@ def element_thresholds(
                       scales if whole else scales[select], pooled if whole else pooled[select],
                       tables.constant(tuple(0 if global_pool else i for i in index), torch.int32, device)),
                 constants=dict(A_DTYPE=tables.TL_DTYPES[dtype], B_DTYPE=tables.TL_DTYPES[group_b[0].dtype],
-                               OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], SECOND=second, KEY64=key64,
+                               OPMATH=tables.TL_DTYPES[opmath_dtype(dtype)], SECOND=second, KEY64=key64,
                                RANKS=RANKS, ALIGNED=aligned, BLOCK=blocks.block,
                                num_warps=tables.warps("select")),
             ))

@@ -39,14 +39,47 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Set by ``aot.compile_only``: kernels are compiled for a GPU target (not run) while the backend is
-# driven with CPU tensors, with the GPU's block sizes, so every launch of a real step is compiled.
+# Set by ``compile_only`` in tools/triton_aot.py: kernels are compiled for a GPU target (not run)
+# while the backend is driven with CPU tensors, with the GPU's block sizes, so every launch of a
+# real step is compiled.
 COMPILE_ONLY = False
 
 
 def on_host() -> bool:
     """Whether the backend accepts CPU tensors: interpreted kernels, or compile-only launches."""
     return interpreting() or COMPILE_ONLY
+
+
+# Constexprs that size a launch rather than choose code: the interpreter uses other values.
+SIZE_CONSTEXPRS = ("BLOCK", "CHUNK", "CHUNKS")
+
+
+def _describe(value) -> str:
+    """The type of one kernel argument, as specialization sees it."""
+    if isinstance(value, torch.Tensor):
+        return f"*{str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    return repr(value)
+
+
+def variant_key(fn, args: tuple, kwargs: dict) -> str:
+    """What decides a kernel's code: its name, argument types and code-choosing constexprs. The
+    same key is computed for interpreted launches (tests/conftest.py records them) and compiled
+    ones (tools/triton_aot.py), so the tests can check that every interpreted variant compiles."""
+    names = list(fn.arg_names)
+    bound = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+    parts = []
+    for name in names:
+        if name in SIZE_CONSTEXPRS or name not in bound:
+            continue
+        value = bound[name]
+        parts.append(f"{name}={value!r}" if name.isupper() else f"{name}:{_describe(value)}")
+    return f"{fn.fn.__name__}({', '.join(parts)})"
 
 
 _blocks = _LRU()
@@ -134,10 +167,6 @@ def warps(kind: str) -> int:
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
              torch.float16: tl.float16}
-
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:

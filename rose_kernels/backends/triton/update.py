@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from rose_kernels.backends.triton import tables
+from rose_kernels.backends.triton.rose_math import element_score, in_bounds, precise_div, precise_sqrt
 from rose_kernels.backends.triton.score import segment_sum
-from rose_kernels.backends.triton.select import element_score, in_bounds, precise_div, precise_sqrt
+from rose_kernels.dtypes import opmath_dtype
 from rose_kernels.ops import HYPER_COLUMNS, MASK_COLUMNS, schema_of
 
 _H = len(HYPER_COLUMNS)
@@ -160,7 +161,7 @@ def masked_adamw_(
             steps if whole else steps[select], step_sizes if whole else step_sizes[select],
             hyper if whole else hyper[select], masks if whole else masks[select],
             found, partials,
-            P_DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[tables.opmath(dtype)], ELEMENT=element,
+            P_DTYPE=tables.TL_DTYPES[dtype], OPMATH=tables.TL_DTYPES[opmath_dtype(dtype)], ELEMENT=element,
             H=_H, ALIGNED=aligned, BLOCK=blocks.block, num_warps=tables.warps("update"),
         )
         tables.put(out, index, segment_sum(partials, blocks, len(group)))
