@@ -49,8 +49,8 @@ def test_every_fused_backend_runs_the_one_step():
     assert type(cpu).record_first_order is fused.FusedBackend.record_first_order
     cuda = backends._get("cuda")
     assert isinstance(cuda, fused.FusedBackend) and type(cuda).step is fused.FusedBackend.step
-    assert cuda.supports(torch.device("cuda")) == ops.built_with_cuda()
-    assert not cuda.supports(torch.device("cpu"))
+    assert cuda.supports_device(torch.device("cuda")) == ops.built_with_cuda()
+    assert not cuda.supports_device(torch.device("cpu"))
 
 
 def test_table_layouts_match_the_cpp_enums():
