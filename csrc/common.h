@@ -42,6 +42,10 @@ enum ThresholdColumn : int64_t {
   kNumThresholdColumns
 };
 
+// Columns of element_thresholds' guesses (int64 [pools, kGuessRanks]): speed hints the caller keeps
+// between calls; each implementation defines what it stores there (cuda/select.cu, cpu/select.h).
+constexpr int64_t kGuessRanks = 4;
+
 // How element_thresholds finds the order statistics.
 enum SelectStrategy : int64_t {
   kSelectAuto = 0,   // the implementation's fastest exact route

@@ -25,7 +25,6 @@ namespace {
 using cpu::OptionalTensorList;
 using cpu::TensorList;
 
-constexpr int64_t kGuessRanks = 4;  // element_thresholds' guesses: one per wanted order statistic
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -193,7 +192,6 @@ at::Tensor element_thresholds_cpu(const TensorList& a, const TensorList& b, cons
   const char* op = "element_thresholds";
   const double* scale = scales.data_ptr<double>();
   const bool* in_pool = pooled.data_ptr<bool>();
-  // The CPU select brackets its ranks with a sample of each call's scores, so it needs no guesses.
   TensorList pooled_a, pooled_b, others;
   std::vector<double> pooled_scales;
   std::vector<int64_t> pooled_index;
@@ -211,9 +209,15 @@ at::Tensor element_thresholds_cpu(const TensorList& a, const TensorList& b, cons
   const int64_t pools = global_pool ? 1 : static_cast<int64_t>(a.size());
   const int64_t computed = global_pool ? 1 : static_cast<int64_t>(pooled_a.size());
   auto rows = at::empty({computed, kNumThresholdColumns}, float64_on(at::kCPU));
+  // The previous call's windows of each computed pool (its row of guesses), rewritten for the next.
+  std::vector<int64_t*> guess_rows;
+  if (guesses.has_value() && guesses->defined() && strategy != kSelectRadix) {
+    int64_t* g = guesses->data_ptr<int64_t>();
+    for (int64_t j = 0; j < computed; ++j) guess_rows.push_back(g + (global_pool ? 0 : pooled_index[j]) * kGuessRanks);
+  }
   if (computed > 0)
     cpu::kernels().element_thresholds(pooled_a, pooled_b, pooled_scales, q_lo, q_hi, global_pool, strategy,
-                                      rows.data_ptr<double>());
+                                      rows.data_ptr<double>(), guess_rows);
   bool nonfinite = false;
   const double* r = rows.data_ptr<double>();
   for (int64_t p = 0; p < computed; ++p) nonfinite = nonfinite || r[p * kNumThresholdColumns + kThrNonFinite] != 0;

@@ -19,6 +19,7 @@ from rose_kernels.backends import sharded
 from rose_kernels.backends.base import Backend
 from rose_kernels.dtypes import opmath_dtype
 from rose_kernels.optim_state import (
+    CheckedStates,
     FirstOrderMasks,
     KeptFractions,
     SkipCounter,
@@ -66,6 +67,10 @@ class RoseAdamW(Optimizer):
             device every step, which also rules out CUDA graphs. A step skipped on the host warns
             at once; one skipped on the device warns at the next :meth:`check`,
             :meth:`mask_stats` or :meth:`state_dict` (the first reads of the device after it).
+            ``"unchecked"``: no check and no guarantee, as ``torch.optim.AdamW`` (non-finite values
+            reach the parameters and moments; masks scored from them are unspecified). It saves
+            the one read that looks only where no score reads the gradients (mode ``off``, and
+            ``first``'s step): for users whose clipping or GradScaler already checks.
 
     The state per parameter has the keys of ``torch.optim.AdamW`` (``step``, ``exp_avg``,
     ``exp_avg_sq``; moments in float32 for bf16/fp16 parameters), so checkpoints move both ways.
@@ -113,6 +118,7 @@ class RoseAdamW(Optimizer):
         # Device-resident backends' scratch (selection guesses, lr buffer), kept across steps.
         self._workspace: dict = {"graph_keepalive": self._graph_keepalive}
         self._exp_avg_sumsq = VersionedValues()  # ||exp_avg||^2 from the last update, per parameter
+        self._checked = CheckedStates()  # state tensors check_state passed
         self._grad_sumsq = VersionedValues()  # ||grad||^2 from clip_grad_norm_, for the next step only
 
     # -- construction, copies, checkpoints ----------------------------------------------------
@@ -125,7 +131,7 @@ class RoseAdamW(Optimizer):
             params = list(params)  # once: a generator is spent by the checks below
         for p in params:
             check_param(p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p)
-        check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}, params=params)
         super().add_param_group({**param_group, "params": params})
 
     def __getstate__(self) -> dict:
@@ -235,7 +241,7 @@ class RoseAdamW(Optimizer):
         record = functional.record_first_order(
             [p.grad for p in params], [self.state[p]["step"] if self.state.get(p) else None for p in params],
             warmup_steps=[w for _, w in rows], granularity=cfg.granularity, scope=cfg.scope, lower=cfg.lower,
-            upper=cfg.upper, backend=backend, nonfinite="skip", reuse=reuse, workspace=self._workspace,
+            upper=cfg.upper, backend=backend, nonfinite=self._step_policy(), reuse=reuse, workspace=self._workspace,
         )
         del reuse  # the old masks' memory is the new masks' now
         on_device = isinstance(record.nonfinite, torch.Tensor)
@@ -258,7 +264,7 @@ class RoseAdamW(Optimizer):
                 loss = closure()
         if not self._first_order_ready():
             return loss
-        owners, new_states, columns = collect_step(self.param_groups, self.state)
+        owners, new_states, columns = collect_step(self.param_groups, self.state, self._checked)
         if not owners:
             self._first_order.consumed()
             return loss
@@ -272,15 +278,21 @@ class RoseAdamW(Optimizer):
         if self._grad_sumsq:
             columns["grad_sumsq"] = [self._grad_sumsq.get(p, p.grad) for p in owners]
             self._grad_sumsq.clear()  # for this step only
-        cached = [self._exp_avg_sumsq.get(p, sharded.local(m)) for p, m in zip(owners, exp_avgs, strict=True)]
+        cached = None
+        if self._caches_exp_avg_sums():
+            cached = [self._exp_avg_sumsq.get(p, sharded.local(m)) for p, m in zip(owners, exp_avgs, strict=True)]
         result = functional.rose_adamw(
             owners, exp_avg_sumsq=cached,
             mode=cfg.mode, granularity=cfg.granularity, scope=cfg.scope, lower=cfg.lower, upper=cfg.upper,
-            gamma=cfg.gamma, backend=backend, nonfinite="skip", workspace=self._workspace, **columns,
+            gamma=cfg.gamma, backend=backend, nonfinite=self._step_policy(), workspace=self._workspace, **columns,
         )
         self._first_order.consumed()
         self._commit(owners, new_states, columns, result, backend, capturing)
         return loss
+
+    def _caches_exp_avg_sums(self) -> bool:
+        """Only the second-order tensor score reads ``||exp_avg||^2``: other modes neither pass nor keep it."""
+        return self.rose.uses_second_order and not self.rose.element
 
     def _first_order_ready(self) -> bool:
         """Modes first/ensemble: whether this step has its record (a non-finite one skips the step)."""
@@ -313,7 +325,7 @@ class RoseAdamW(Optimizer):
             self.state[p] = state
         self._kept.update(owners, columns["eligible"], result.kept, result.nonfinite, result.sharding)
         sums = result.exp_avg_sumsq
-        if sums is not None:
+        if sums is not None and self._caches_exp_avg_sums():
             for p, m, value in zip(owners, columns["exp_avgs"], sums, strict=True):
                 self._exp_avg_sumsq.put(p, sharded.local(m), value)
         if capturing:
@@ -324,6 +336,11 @@ class RoseAdamW(Optimizer):
                     self._graph_keepalive.append(t)
 
     # -- non-finite steps ---------------------------------------------------------------------
+
+    def _step_policy(self) -> str:
+        """What functional's calls do on non-finite gradients: look and tell (then this class decides),
+        or not look at all."""
+        return "unchecked" if self.rose.nonfinite == "unchecked" else "skip"
 
     def _policy(self, backend: Backend | None) -> str:
         if self.rose.nonfinite != "auto":

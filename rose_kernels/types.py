@@ -15,7 +15,7 @@ SECOND_ORDER_MODES = frozenset({"second", "ensemble"})
 GRANULARITIES = ("tensor", "element")
 SCOPES = ("tensor", "global")
 THRESHOLDS = ("exact",)
-NONFINITE_POLICIES = ("auto", "raise", "skip")
+NONFINITE_POLICIES = ("auto", "raise", "skip", "unchecked")
 
 
 def uses_first_order(mode: str) -> bool:
@@ -48,6 +48,11 @@ class RoseConfig:
     @property
     def uses_second_order(self) -> bool:
         return uses_second_order(self.mode)
+
+    @property
+    def checks_finite(self) -> bool:
+        """Whether a step looks for non-finite gradients (every policy but ``"unchecked"``)."""
+        return self.nonfinite != "unchecked"
 
     @property
     def element(self) -> bool:

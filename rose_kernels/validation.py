@@ -40,8 +40,10 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def check_group(group: dict, *, at_step: bool = False) -> None:
-    """Raises ValueError naming the first bad hyper-parameter of a param group."""
+def check_group(group: dict, *, at_step: bool = False, params: Any = None) -> None:
+    """Raises ValueError naming the first bad hyper-parameter of a param group. ``params``: the
+    group's parameters (default ``group["params"]``, if any), for :func:`check_devices`."""
+    check_devices(group, group.get("params") if params is None else params, at_step=at_step)
     check_number("lr", group["lr"], low=0.0, at_step=at_step)
     check_number("eps", group["eps"], low=0.0)
     check_number("weight_decay", group["weight_decay"], low=0.0)
@@ -59,6 +61,39 @@ def check_group(group: dict, *, at_step: bool = False) -> None:
         raise ValueError(f"the param group key 'rose' must be True or False, got {group['rose']!r}")
     if not isinstance(group["correct_bias"], bool):
         raise ValueError(f"correct_bias must be True or False, got {group['correct_bias']!r}")
+
+
+def check_devices(group: dict, params: Any, *, at_step: bool = False) -> None:
+    """A param group's parameters share one device, and a tensor ``lr`` lives on it.
+
+    The fused backends read a tensor lr where the parameters are, every step (a CUDA graph replays
+    its current value); copying it there each step would cost a copy (from the CPU, a host wait)
+    and could not be captured. The other hyper-parameters are read as host floats, so tensors on
+    any device work for them. At step time (``at_step``) only a tensor lr is checked, against the
+    group's first parameter (parameters moved to several devices since are refused by the step)."""
+    lr = group.get("lr")
+    lr_tensor = isinstance(lr, torch.Tensor)
+    if params is None or isinstance(params, set):  # a set gets torch's own TypeError
+        return
+    if at_step:
+        devices = [params[0].device] if lr_tensor and params else []
+    else:
+        devices = []
+        for p in params:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+            if isinstance(p, torch.Tensor) and p.device not in devices:
+                devices.append(p.device)
+        if len(devices) > 1:
+            raise ValueError(
+                "the parameters of one param group must be on one device (RoseAdamW steps every "
+                f"parameter where it lives, in one pass); got {', '.join(map(str, devices))}"
+            )
+    if lr_tensor and devices and lr.device != devices[0]:
+        device = devices[0]
+        raise ValueError(
+            f"lr is a tensor on {lr.device} but this group's parameters are on {device}; pass a "
+            f"float, or a tensor on {device}"
+        )
 
 
 def check_param(p: Any) -> None:

@@ -99,11 +99,12 @@ def expected_pools(a, b, scales, global_pool, pooled=None) -> list[torch.Tensor]
     return [part if p else empty for part, p in zip(parts, pooled, strict=True)]
 
 
-def expected_reads(a, global_pool, strategy, pooled=None) -> list[set[float]]:
+def expected_reads(a, global_pool, strategy, pooled=None, guessed=False) -> list[set[float]]:
     """The possible full-reads values of each pool: 0 for an unpooled tensor's row (or a global pool
     of no tensor), 2 for a pool of
     at most DIRECT_POOL elements (b == 0 ones included), else the radix route's count (1 + 2 passes
-    for float32 opmath, 1 + 4 for float64) or, with SELECT_AUTO, 1 when the sampled bracket held."""
+    for float32 opmath, 1 + 4 for float64) or, with SELECT_AUTO, 1 when the sampled bracket held.
+    ``guessed`` (SELECT_AUTO with guesses): also one more pass, the window that missed."""
     pooled = [True] * len(a) if pooled is None else list(pooled)
 
     def reads(xs) -> set[float]:
@@ -113,7 +114,9 @@ def expected_reads(a, global_pool, strategy, pooled=None) -> list[set[float]]:
         if total <= DIRECT_POOL:
             return {2.0}
         radix = float(RADIX_READS[opmath_dtype(xs[0].dtype)])
-        return {radix} if strategy == ops.SELECT_RADIX else {1.0, radix}
+        if strategy == ops.SELECT_RADIX:
+            return {radix}
+        return {1.0, 2.0, radix, radix + 1} if guessed else {1.0, radix}
 
     if global_pool:
         return [reads([x for x, p in zip(a, pooled, strict=True) if p])]
@@ -177,7 +180,7 @@ def check_calls(a, b, scales, q_pairs, global_pool, strategy, msg, *, nonfinite=
     [quantile(pool_i, q_lo), quantile(pool_i, q_hi), |pool_i|, flag, reads], the flag (1.0 or 0.0)
     the same in every row, reads as expected_reads says. Returns the results."""
     pools = expected_pools(a, b, scales, global_pool, pooled)
-    reads = expected_reads(a, global_pool, strategy, pooled)
+    reads = expected_reads(a, global_pool, strategy, pooled, guessed=guesses is not None)
     sorted_pools = [np.sort(p.numpy()) for p in pools]
     for pool, xs in zip(pools, sorted_pools, strict=True):
         if pool.numel() > _ORACLE_LIMIT:  # the shortcut must agree with the oracle
@@ -337,8 +340,9 @@ def test_unpooled_tensors_stay_out_of_every_pool(seed, dtype, with_b, strategy):
 
 @pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
 def test_guesses_do_not_change_the_thresholds(seed, global_pool):
-    """guesses are speed hints (the CPU needs none): any value of the right shape gives the
-    oracle's thresholds, and the CPU leaves the tensor as it was."""
+    """guesses are speed hints: any value of the right shape gives the oracle's thresholds. The CPU
+    rewrites only the rows of pools it selected with SELECT_AUTO past DIRECT_POOL (the others:
+    unpooled, gathered whole, or radix-selected, keep theirs)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = (3, 50_000, DIRECT_POOL + 9, 2000)
     a = [draw(n, torch.float32, gen, zero_frac=0.05) for n in sizes]
@@ -353,7 +357,9 @@ def test_guesses_do_not_change_the_thresholds(seed, global_pool):
         for strategy in STRATEGIES.values():
             check_calls(a, b, [0.1] * len(a), [(0.3, 0.6), (0.0, 1.0)], global_pool, strategy,
                         f"seed={seed} guesses={before.tolist()}", pooled=[True, True, False, True], guesses=guesses)
-        assert torch.equal(guesses, before), f"seed={seed}: guesses {before.tolist()} -> {guesses.tolist()}"
+        kept_rows = [] if global_pool else [0, 2, 3]  # the global pool (52_003 scores) is rewritten
+        assert torch.equal(guesses[kept_rows], before[kept_rows]), (
+            f"seed={seed}: guesses {before.tolist()} -> {guesses.tolist()}")
 
 
 @pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
@@ -404,6 +410,110 @@ def test_full_reads_column(seed, global_pool):
     out = ops.element_thresholds(a, [], torch.ones(2, dtype=torch.float64), torch.tensor([False, True]), 0.3, 0.6,
                                  global_pool, None, ops.SELECT_RADIX)
     assert out[:, READS].tolist() == ([2.0] if global_pool else [0.0, 2.0]), f"seed={seed}: {out.tolist()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Guessed windows: the previous call's windows, as an optimizer step hands them to the next
+# ------------------------------------------------------------------------------------------------
+
+GUESS_SIZES = (DIRECT_POOL + 1, 100_003, 3, 70_000)
+
+
+def _key_of(x: float, dtype: torch.dtype) -> int:
+    """The order-preserving key (bit pattern) of a non-negative score, as the CPU windows store it."""
+    if dtype == torch.float64:
+        return int(torch.tensor([x], dtype=torch.float64).view(torch.int64).item())
+    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("with_b", [False, True], ids=["abs", "second"])
+@pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
+def test_guessed_windows_follow_drifting_scores(seed, dtype, with_b, global_pool):
+    """Eight calls on scores that change as an optimizer's do from one step to the next (a fresh
+    gradient each call; the momentum moves 10% toward it; the scale shrinks by 2%), sharing one
+    guesses tensor: every result is the oracle's, and the previous call's windows hold the ranks
+    (one read) in most calls."""
+    gen = torch.Generator().manual_seed(seed)
+    om = opmath_dtype(dtype)
+    a = [draw(n, dtype, gen, zero_frac=0.02) for n in GUESS_SIZES]
+    b = [draw(n, om, gen, zero_frac=0.05, scale=0.1) for n in GUESS_SIZES] if with_b else []
+    scales = [0.1] * len(a) if with_b else []
+    guesses = torch.full((1 if global_pool else len(a), ops.GUESS_RANKS), -8, dtype=torch.int64)
+    hits = calls = 0
+    for call in range(8):
+        q_pairs = [(0.0, 0.6)] if call % 3 else [(0.3, 0.6)]
+        msg = f"seed={seed} {dtype} call {call}"
+        outs = check_calls(a, b, scales, q_pairs, global_pool, ops.SELECT_AUTO, msg, guesses=guesses,
+                           with_numpy=False)
+        if call >= 2 and call % 3:  # the windows of a call with the same quantiles
+            big = [0] if global_pool else [0, 1, 3]
+            hits += sum(outs[0][i, READS].item() == 1.0 for i in big)
+            calls += len(big)
+        shrink = 0.98 ** (call + 1)
+        fresh = [draw(x.numel(), dtype, gen, zero_frac=0.02, scale=shrink) for x in a]
+        if with_b:
+            for x, g in zip(b, fresh, strict=True):
+                x.mul_(0.9).add_(g.to(om), alpha=0.1 * 0.1)
+        a = fresh
+    assert hits >= 0.6 * calls, f"seed={seed}: the windows held in {hits} of {calls} pools"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
+def test_guessed_windows_that_miss(seed, dtype, global_pool):
+    """Windows that cannot hold the ranks (at 0, at +inf, below or above every score, around the
+    wrong quantile, inverted, of the other float width) give the oracle's thresholds; a usable
+    window that misses costs one read more than the sampled route, an unusable one nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    a = [draw(n, dtype, gen) for n in (100_003, 60_000)]
+    pools = 1 if global_pool else len(a)
+    tiny, huge = _key_of(1e-30, dtype), _key_of(1e30, dtype)
+    inf = _key_of(math.inf, dtype)
+    lo_q = float(torch.cat(a).abs().double().quantile(0.05))
+    wrong = (_key_of(lo_q * 0.99, dtype), _key_of(lo_q * 1.01, dtype))
+    other_width = _key_of(1.0, torch.float64 if dtype == torch.float32 else torch.float32)
+    windows = {
+        "at 0": ((0, 0), True), "at inf": ((inf, inf), True), "below": ((0, tiny), True),
+        "above": ((huge, inf), True), "wrong quantile": (wrong, True), "inverted": ((huge, tiny), False),
+        "other width": ((other_width, other_width), dtype == torch.float64),
+    }
+    for name, ((lo, hi), usable) in windows.items():
+        guesses = torch.tensor([[-8, -8, lo, hi]] * pools, dtype=torch.int64)  # q_hi's window
+        (out,) = check_calls(a, [], [], [(0.0, 0.6)], global_pool, ops.SELECT_AUTO, f"seed={seed} {name}",
+                             guesses=guesses, with_numpy=False)
+        want = 2.0 if usable else 1.0
+        assert out[:, READS].tolist() == [want] * pools, f"seed={seed} {name} {dtype}: {out.tolist()}"
+        # The call left windows that hold (the same scores again: one read).
+        (again,) = check_calls(a, [], [], [(0.0, 0.6)], global_pool, ops.SELECT_AUTO, f"seed={seed} {name} again",
+                               guesses=guesses, with_numpy=False)
+        assert again[:, READS].tolist() == [1.0] * pools, f"seed={seed} {name}: {again.tolist()}"
+
+
+@pytest.mark.parametrize("kind", ["ties", "inf", "empty", "few"])
+def test_guessed_windows_on_special_pools(seed, kind):
+    """Ties at the quantile, +inf scores (finite inputs, b tiny), an empty pool (b == 0 everywhere)
+    and a pool of three defined scores, each called four times with its windows, at several q."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 150_001
+    a = draw(n, torch.float32, gen)
+    b = draw(n, torch.float32, gen, scale=0.1)
+    if kind == "ties":
+        b[torch.rand(n, generator=gen) < 0.5] = a[torch.rand(n, generator=gen) < 0.5][0] * 10  # c a / b - 1 == 0
+        a[torch.rand(n, generator=gen) < 0.4] = 0.0  # scores of exactly 1
+    elif kind == "inf":
+        b[torch.rand(n, generator=gen) < 0.45] = 1e-45  # c a / b overflows: +inf scores
+    elif kind == "empty":
+        b.zero_()
+    else:
+        keep = torch.randperm(n, generator=gen)[:3]
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[keep] = True
+        b[~mask] = 0.0
+    guesses = torch.full((1, ops.GUESS_RANKS), -8, dtype=torch.int64)
+    for call in range(4):
+        check_calls([a], [b], [0.1], [(0.0, 0.6), (0.3, 0.6), (0.6, 1.0), (0.5, 0.5)], False, ops.SELECT_AUTO,
+                    f"seed={seed} {kind} call {call}", guesses=guesses, with_numpy=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -800,10 +910,13 @@ def _tensor(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     q=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
     strategy=st.sampled_from(list(STRATEGIES.values())),
     unpooled=st.booleans(),
+    guess=st.sampled_from(["none", "fresh", "random", "previous"]),
 )
 def test_property_matches_sorted_order_statistics(
-    seed, n, pieces, dist, dtype, second_order, global_pool, q, strategy, unpooled
+    seed, n, pieces, dist, dtype, second_order, global_pool, q, strategy, unpooled, guess
 ):
+    """Any pool, any quantiles, any route: no guesses, fresh ones, random keys, or the windows a
+    call on other quantiles of the same pool left."""
     rng = np.random.default_rng(seed)
     q_lo, q_hi = sorted(q)
     cuts = sorted(rng.integers(0, n + 1, pieces - 1).tolist()) if n else [0] * (pieces - 1)
@@ -816,12 +929,18 @@ def test_property_matches_sorted_order_statistics(
         scales = rng.choice([0.1, 1.0, 0.37], len(a)).tolist()
     # `unpooled`: a random subset of the tensors (possibly none, possibly all) stays out of the pools.
     pooled = (rng.random(len(a)) < 0.6).tolist() if unpooled else [True] * len(a)
-    out = ops.element_thresholds(
-        a, b, f64(scales) if b else torch.ones(len(a), dtype=torch.float64), torch.tensor(pooled), q_lo, q_hi,
-        global_pool, None, strategy,
-    )
+    n_pools = 1 if global_pool else len(a)
+    guesses = None
+    if guess != "none":
+        guesses = torch.full((n_pools, ops.GUESS_RANKS), -8, dtype=torch.int64)
+    if guess == "random":
+        guesses = torch.from_numpy(rng.integers(-8, 2**31, (n_pools, ops.GUESS_RANKS)))
+    args = (a, b, f64(scales) if b else torch.ones(len(a), dtype=torch.float64), torch.tensor(pooled))
+    if guess == "previous":
+        ops.element_thresholds(*args, *sorted(rng.random(2).tolist()), global_pool, guesses, strategy)
+    out = ops.element_thresholds(*args, q_lo, q_hi, global_pool, guesses, strategy)
     pools = expected_pools(a, b, scales, global_pool, pooled)
-    reads = expected_reads(a, global_pool, strategy, pooled)
+    reads = expected_reads(a, global_pool, strategy, pooled, guessed=guesses is not None)
     assert out.shape == (len(pools), len(ops.THRESHOLD_COLUMNS))
     for i, pool in enumerate(pools):
         xs = np.sort(pool.numpy())
@@ -905,14 +1024,21 @@ def test_pool_beyond_torch_quantile_limit(seed, strategy, kind):
     value = {r: float(part[r]) for r in ranks}
     cut = [0, n // 3, n // 3 + 5, n]
     pieces = [a[cut[i] : cut[i + 1]] for i in range(3)]
+    radix = float(RADIX_READS[torch.float32])
     for q_lo, q_hi in ((qs[2], qs[3]), (qs[0], qs[1]), tuple(sorted(qs[4:]))):
         want = [_lerp_from_ranks(n, q, value.__getitem__) for q in (q_lo, q_hi)]
         for inputs, glob in (([a], False), (pieces, True)):
-            got = thresholds(inputs, [], [], q_lo, q_hi, glob, strategy)[0].tolist()
-            reads = {float(RADIX_READS[torch.float32])} | ({1.0} if strategy == ops.SELECT_AUTO else set())
-            assert got[:READS] == [*want, float(n), 0.0] and got[READS] in reads, (
-                f"seed={seed} q=({q_lo}, {q_hi}) global={glob}: {got} vs {want}"
-            )
+            # Without guesses, then twice with one guesses tensor: the first call writes the windows
+            # the second reads (one pass when they hold, as they do for the same scores).
+            guesses = torch.full((1, ops.GUESS_RANKS), -8, dtype=torch.int64)
+            for call, hint in enumerate((None, guesses, guesses)):
+                got = thresholds(inputs, [], [], q_lo, q_hi, glob, strategy, guesses=hint)[0].tolist()
+                reads = {radix} | ({1.0} if strategy == ops.SELECT_AUTO else set())
+                if call == 2 and strategy == ops.SELECT_AUTO and kind == "normal":
+                    reads = {1.0}
+                assert got[:READS] == [*want, float(n), 0.0] and got[READS] in reads, (
+                    f"seed={seed} q=({q_lo}, {q_hi}) global={glob} call {call}: {got} vs {want}"
+                )
 
 
 def _available_memory_gb() -> float:
@@ -972,10 +1098,12 @@ def test_pool_beyond_int32_indexing():
         (ops.SELECT_AUTO, 0.3, 0.6),
         (ops.SELECT_RADIX, q_mid, q_top),  # ~20 s on 2 cores: two 16-bit histogram passes
     ]
+    calls.insert(2, (ops.SELECT_AUTO, q_mid, q_top))  # again, from the windows of the call before
+    guesses = torch.full((1, ops.GUESS_RANKS), -8, dtype=torch.int64)
     timings = []
     for strategy, q_lo, q_hi in calls:
         t = time.perf_counter()
-        got = thresholds([a], [], [], q_lo, q_hi, False, strategy)[0].tolist()[:READS]
+        got = thresholds([a], [], [], q_lo, q_hi, False, strategy, guesses=guesses)[0].tolist()[:READS]
         timings.append(round(time.perf_counter() - t, 2))
         want = [_lerp_from_ranks(n, q, value_at) for q in (q_lo, q_hi)] + [float(n), 0.0]
         assert got == want, f"strategy={strategy} q=({q_lo!r}, {q_hi!r}): {got} vs {want}"
@@ -1023,12 +1151,17 @@ def test_global_pool_beyond_int32_from_one_repeated_tensor(seed):
         (ops.SELECT_AUTO, 0.3, 0.6),
         (ops.SELECT_RADIX, q_past, q_top),
     ]
-    for strategy, q_lo, q_hi in calls:
+    guesses = torch.full((1, ops.GUESS_RANKS), -8, dtype=torch.int64)
+    calls.insert(2, (ops.SELECT_AUTO, q_past, q_top))  # again, from the windows of the call before
+    for call, (strategy, q_lo, q_hi) in enumerate(calls):
         want = [_lerp_from_ranks(n, q, value_at) for q in (q_lo, q_hi)] + [float(n), 0.0]
         out = ops.element_thresholds([a] * repeats, [], torch.ones(repeats, dtype=torch.float64),
-                                     torch.ones(repeats, dtype=torch.bool), q_lo, q_hi, True, None, strategy)
+                                     torch.ones(repeats, dtype=torch.bool), q_lo, q_hi, True, guesses, strategy)
         got = out[0].tolist()[:READS]
-        assert out[0, READS].item() in ({1.0, 3.0} if strategy == ops.SELECT_AUTO else {3.0}), f"seed={seed}: {out}"
+        reads = {1.0, 2.0, 3.0, 4.0} if strategy == ops.SELECT_AUTO else {3.0}
+        if call == 2:
+            reads = {1.0}
+        assert out[0, READS].item() in reads, f"seed={seed} call {call}: {out}"
         assert got == want, f"seed={seed} strategy={strategy} q=({q_lo!r}, {q_hi!r}): {got} vs {want}"
     for q in (q_past, q_top):  # interpolated, strictly between two distinct pool values
         k = math.floor(q * (n - 1))

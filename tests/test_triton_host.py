@@ -2,7 +2,10 @@
 
 - CUDA-graph lifetimes: a captured step replays raw device pointers, so every cached table and
   workspace tensor it used must stay owned by the optimizer (``device_tables.capturing`` is patched
-  to say "capturing"; the interpreter then runs the same code as a capture would).
+  to say "capturing"; the interpreter then runs the same code as a capture would). As in a real
+  capture, the gradients are fixed ``.grad`` buffers written in place between steps (a graph
+  replays their addresses), so every launch table of the captured step is cached by the eager
+  step before it; a table made during the capture is an error, on the CPU too (``_capturing``).
 - Steps skipped on the device are reported by one RuntimeWarning at the next host read.
 - A float lr changed every step (an LR scheduler) makes no new cached device tensor.
 """
@@ -53,16 +56,42 @@ def _setup(seed, **kw):
     return opt, params, gen
 
 
-def _step(opt, params, gen, *, bad: float | None = None):
-    for p in params:
-        p.grad = randn(p.shape, torch.float32, gen).to(DEV)
+def _step(opt, params, gen, *, bad: float | None = None, static: bool = False):
+    """One step on new gradients. ``static``: the new values are copied into the ``.grad`` buffers
+    already there (made once), as a CUDA-graph user does: a replay reads the captured addresses."""
+
+    def new_grads():
+        for p in params:
+            g = randn(p.shape, torch.float32, gen).to(DEV)
+            if static and p.grad is not None:
+                p.grad.copy_(g)
+            else:
+                p.grad = g
+
+    new_grads()
     if needs_first(opt.rose.mode):
         opt.record_first_order()
-        for p in params:
-            p.grad = randn(p.shape, torch.float32, gen).to(DEV)
+        new_grads()
     if bad is not None:
         params[0].grad.view(-1)[-1] = bad
     opt.step()
+
+
+@contextlib.contextmanager
+def _capturing(monkeypatch):
+    """What a captured step sees: ``device_tables.capturing`` says so, and a device table that is
+    not cached yet is an error. The GPU's ``to_device`` raises then; on the CPU it returns before
+    it looks, so here it always raises (else a test passing interpreted could fail on a GPU)."""
+
+    def missing(values, dtype, device):
+        raise RuntimeError("rose_kernels: a launch table is missing while a CUDA graph is being captured "
+                           f"(emulated: {len(values)} {dtype} values for {device})")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(device_tables, "capturing", lambda device: True)
+        patch.setattr(device_tables, "to_device", missing)
+        patch.setattr(tables, "to_device", missing)  # tables.py calls its own imported name
+        yield patch
 
 
 @contextlib.contextmanager
@@ -109,13 +138,14 @@ class _Spy:
 @pytest.mark.parametrize("mode", ["second", "ensemble"])
 def test_captured_step_owns_every_table_it_read(seed, mode, granularity, monkeypatch):
     opt, params, gen = _setup(seed, mode=mode, granularity=granularity, lower=10.0, upper=70.0)
-    _step(opt, params, gen)  # eager: builds the tables (a capture may not)
+    _step(opt, params, gen, static=True)  # eager: builds the tables (a capture may not)
     assert opt._graph_keepalive == [], "an eager step kept something alive"
+    grads = [p.grad for p in params]
 
-    with monkeypatch.context() as patch:
+    with _capturing(monkeypatch) as patch:
         spy = _Spy(patch)
-        patch.setattr(device_tables, "capturing", lambda device: True)
-        _step(opt, params, gen)
+        _step(opt, params, gen, static=True)
+    assert all(p.grad is g for p, g in zip(params, grads, strict=True)), "the gradient buffers were replaced"
     used = spy.tensors + [opt._kept.values, opt._workspace["lr"].on_device]
     used += [opt._workspace[k] for k in ("first", "second") if k in opt._workspace]
     assert used and all(isinstance(t, torch.Tensor) for t in used)
@@ -132,7 +162,7 @@ def test_captured_step_owns_every_table_it_read(seed, mode, granularity, monkeyp
         for group in opt.param_groups:
             group["lr"] *= 0.5
             group["eps"] = 1e-7 * (t + 2)
-        _step(opt, params, gen)
+        _step(opt, params, gen, static=True)
     for i in range(300):
         tables.constant((float(i), -1.0), torch.float64, DEV)
     _clear_caches()
@@ -143,7 +173,7 @@ def test_captured_step_owns_every_table_it_read(seed, mode, granularity, monkeyp
 
     # Eager steps after the capture add nothing.
     count = len(opt._graph_keepalive)
-    _step(opt, params, gen)
+    _step(opt, params, gen, static=True)
     assert len(opt._graph_keepalive) == count
 
 
@@ -167,28 +197,34 @@ def test_captured_skip_keeps_fractions_in_one_buffer(seed, monkeypatch):
     """The kept fractions live in one buffer written in place (a replayed skipped step reads the
     fractions of the step before it from there, not from a tensor the next eager step drops)."""
     opt, params, gen = _setup(seed, granularity="element")
-    _step(opt, params, gen)
+    _step(opt, params, gen, static=True)
     buffer = opt._kept.values
     stats = opt.mask_stats()
-    with monkeypatch.context() as patch:
-        patch.setattr(device_tables, "capturing", lambda device: True)
-        with _no_rose_warning():
-            _step(opt, params, gen, bad=math.nan)
+    with _capturing(monkeypatch), _no_rose_warning():
+        _step(opt, params, gen, bad=math.nan, static=True)
     assert opt._kept.values is buffer and any(buffer is h for h in opt._graph_keepalive)
     with pytest.warns(RuntimeWarning, match="1 step was skipped"):
         assert opt.mask_stats() == stats, seed
-    _step(opt, params, gen)
+    _step(opt, params, gen, static=True)
     assert opt._kept.values is buffer
 
 
 def test_float_lr_changed_during_capture_raises(seed, monkeypatch):
     opt, params, gen = _setup(seed)
-    _step(opt, params, gen)
+    _step(opt, params, gen, static=True)
     opt.param_groups[0]["lr"] = 3e-3
-    with monkeypatch.context() as patch:
-        patch.setattr(device_tables, "capturing", lambda device: True)
-        with pytest.raises(RuntimeError, match="float lr changed"):
-            _step(opt, params, gen)
+    with _capturing(monkeypatch), pytest.raises(RuntimeError, match="float lr changed"):
+        _step(opt, params, gen, static=True)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_capture_with_new_gradient_tensors_raises(seed, granularity, monkeypatch):
+    """The control of the capture tests: gradients in new tensors (new addresses) need new launch
+    tables, which a capture cannot copy to the device; it raises, on the GPU and emulated here."""
+    opt, params, gen = _setup(seed, granularity=granularity)
+    _step(opt, params, gen)
+    with _capturing(monkeypatch), pytest.raises(RuntimeError, match="launch table is missing"):
+        _step(opt, params, gen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,13 +330,18 @@ def test_scheduled_float_lr_makes_no_cache_entries(seed, mode, granularity):
 
 
 def test_tensor_and_scheduled_float_lrs_together(seed):
-    lr = torch.tensor(5e-3, dtype=torch.float64)
-    groups = [{"shapes": [(5,), (BLOCK + 1,)], "lr": lr}, {"shapes": [(3,)], "lr": 2e-2}]
+    groups = [{"shapes": [(5,), (BLOCK + 1,)]}, {"shapes": [(3,)], "lr": 2e-2}]
     prob = Problem(groups, torch.float64, seed, backends=("triton", "reference"), granularity="element")
+    # One tensor lr per optimizer, on its parameters' device (the Triton ones are on the GPU where
+    # there is one; a CPU tensor lr with GPU parameters is refused: tests/test_devices.py).
+    lrs = [torch.tensor(5e-3, dtype=torch.float64, device=all_params(opt)[0].device) for opt in prob.opts]
+    for opt, lr in zip(prob.opts, lrs, strict=True):
+        opt.param_groups[0]["lr"] = lr
     for t in range(4):
         prob.step()
         prob.check(f"t={t}")
-        lr.mul_(0.5)
-        for opt in prob.opts:
+        for opt, lr in zip(prob.opts, lrs, strict=True):
+            lr.mul_(0.5)
             opt.param_groups[1]["lr"] *= 0.7
     assert all(p.device == DEV for p in all_params(prob.opts[0]))
+    assert all(opt.param_groups[0]["lr"] is lr for opt, lr in zip(prob.opts, lrs, strict=True))

@@ -20,9 +20,11 @@ struct Kernels {
   // out[i] = number of chunks of xs[i] with a non-finite element (0: every element is finite).
   void (*nonfinite_chunks)(const TensorList& xs, double* out);
   // Exact linear-interpolated quantile thresholds of the pools of every tensor given (ops.cpp
-  // passes only the pooled ones); out is [n_pools, kNumThresholdColumns].
+  // passes only the pooled ones); out is [n_pools, kNumThresholdColumns]. guesses: empty, or one
+  // row of kGuessColumns windows per pool, read and rewritten (speed only; see select.h).
   void (*element_thresholds)(const TensorList& a, const TensorList& b, const std::vector<double>& scales,
-                             double q_lo, double q_hi, bool global_pool, int64_t strategy, double* out);
+                             double q_lo, double q_hi, bool global_pool, int64_t strategy, double* out,
+                             const std::vector<int64_t*>& guesses);
   // masks[i] bit j = lo_i <= |g_ij| <= hi_i; kept[i] = number of set bits.
   void (*first_order_mask)(const TensorList& g, const double* thresholds, TensorList& masks,
                            double* kept);

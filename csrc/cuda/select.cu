@@ -62,6 +62,7 @@ constexpr int kThreads = 256;         // threads of a block over the inputs
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kChunk = 16384;     // elements per input block (64 per thread)
 constexpr int kRanks = 4;             // x_k and x_k1 of each of the two thresholds
+static_assert(kRanks == kGuessRanks, "one guess column per wanted order statistic");
 constexpr int kTopBits = 7;           // first radix digit: 31 = 7 + 3 * 8 and 63 = 7 + 7 * 8
 // 8-bit digits: 4 ranks x 256 bins (16 KB with the 4 copies below) keep the per-block zero/flush
 // small against a 16K-element chunk; 11 bits would save one of four float32 passes but need 8x the

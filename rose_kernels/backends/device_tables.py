@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -42,8 +42,23 @@ _constants = _LRU()
 
 def capturing(device: torch.device) -> bool:
     """Whether work issued for ``device`` now is being captured into a CUDA graph (the one place
-    that decides it; tests patch it to exercise the capture paths on the CPU)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    that decides it; tests patch it to exercise the capture paths on the CPU). It asks about
+    ``device``'s current stream, which is not the current device's when the tensors live on
+    another GPU."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def device_guard(device: torch.device) -> AbstractContextManager:
+    """``device`` as the current CUDA device inside (a null context for other devices): launches
+    that go to the current device (Triton kernels, CUDA events, the current stream) then go to the
+    tensors' GPU, also when it is not the current one (parameters on cuda:1, current device cuda:0).
+    Making the guard does not initialise CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 # The active keep-alive list and the ids already in it, or None outside a capture.

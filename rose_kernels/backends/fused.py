@@ -115,7 +115,7 @@ def _float_lrs(workspace: dict | None, values: tuple[float, ...], device: torch.
             lrs.copied = torch.cuda.Event()
         lrs.host.copy_(staged)
         lrs.on_device.copy_(lrs.host, non_blocking=True)
-        lrs.copied.record()
+        lrs.copied.record(torch.cuda.current_stream(device))
     else:
         lrs.on_device.copy_(staged)
     lrs.values = values
@@ -134,6 +134,61 @@ def _lr_column(workspace: dict | None, hypers, device: torch.device) -> torch.Te
     if all(t is None for t in tensors):
         return floats
     return torch.stack([floats[i] if t is None else t.reshape(()).to(torch.float64) for i, t in enumerate(tensors)])
+
+
+@dataclass
+class _StepTables:
+    """The device tables of a step that follow from its settings alone (not from the tensors'
+    values): rebuilt only when the hyper-parameters (the list ``functional`` reuses while they are
+    unchanged), the eligible flags, the sizes, the mode or the device change."""
+
+    key: tuple
+    hypers: list
+    warmup: torch.Tensor
+    eligible: torch.Tensor
+    nan: torch.Tensor
+    ones: torch.Tensor
+    scales: torch.Tensor
+    table: torch.Tensor  # the hyper table less its lr column
+    sizes: torch.Tensor
+
+    def held(self) -> _StepTables:
+        device_tables.hold([self.warmup, self.eligible, self.nan, self.ones, self.scales, self.table, self.sizes])
+        return self
+
+
+def _step_tables(workspace: dict | None, batch: StepBatch, cfg: RoseConfig, numels: tuple[int, ...],
+                 device: torch.device) -> _StepTables:
+    hypers = batch.hypers
+    key = (cfg.mode, cfg.gamma, cfg.granularity, tuple(batch.eligible), numels, device)
+    cached = workspace.get("step_tables") if workspace is not None else None
+    if cached is not None and cached.hypers is hypers and cached.key == key:
+        return cached.held()
+    n = len(hypers)
+    w_first, w_second = _WEIGHTS.get(cfg.mode, (cfg.gamma, 1.0 - cfg.gamma))
+    element_second = cfg.uses_second_order and cfg.element
+    rows = []
+    for e, h in zip(batch.eligible, hypers, strict=True):
+        active = e and cfg.mode != "off"
+        rows.extend((
+            0.0, h.beta1, h.beta2, h.eps, h.weight_decay, float(h.correct_bias),  # lr: column 0, from _lr_column
+            float(h.warmup_steps), w_first if active else 0.0, w_second if active else 1.0,
+            float(active and element_second), h.scale,
+        ))
+    tables = _StepTables(
+        key=key, hypers=hypers,
+        warmup=device_tables.constant(tuple(float(h.warmup_steps) for h in hypers), torch.float32, device),
+        eligible=device_tables.constant(tuple(e and k > 0 for e, k in zip(batch.eligible, numels, strict=True)),
+                                        torch.bool, device),
+        nan=device_tables.constant((device_tables.NAN,) * n, torch.float64, device),
+        ones=device_tables.constant((1.0,) * n, torch.float64, device),
+        scales=device_tables.constant(tuple(h.scale for h in hypers), torch.float64, device),
+        table=device_tables.constant(tuple(rows), torch.float64, device).reshape(n, len(HYPER_COLUMNS))[:, 1:],
+        sizes=device_tables.constant(tuple(float(k) for k in numels), torch.float64, device),
+    )
+    if workspace is not None:
+        workspace["step_tables"] = tables
+    return tables
 
 
 @functools.cache
@@ -192,7 +247,8 @@ class FusedBackend(Backend):
             sums = ops.sumsq(kl_grads)
             if sharding is not None:
                 sharding.all_reduce_sum_(sums)
-            nonfinite = ~torch.isfinite(sums).all()
+            nonfinite = ~torch.isfinite(sums).all() if cfg.checks_finite else torch.zeros((), dtype=torch.bool,
+                                                                                        device=device)
             scores = sums.sqrt()
             bounds = small_pool_quantiles(scores, scored, q_lo, q_hi)
             values = torch.where(scored, in_interval(scores, bounds[0], bounds[1]).to(torch.float64), 1.0)
@@ -206,7 +262,9 @@ class FusedBackend(Backend):
         else:
             thresholds = ops.element_thresholds(kl_grads, [], ones, scored, q_lo, q_hi, global_pool, guesses)
         nonfinite = thresholds[0, 3] != 0
-        if not self.device_resident and bool(nonfinite):
+        if not cfg.checks_finite:
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        elif not self.device_resident and bool(nonfinite):
             return FirstOrderRecord(masks=[], nonfinite=True)
         everything = device_tables.constant((-INF, INF), torch.float64, device)
         bounds = torch.where(scored[:, None], thresholds[:, :2].expand(n, 2), everything)
@@ -245,20 +303,18 @@ class FusedBackend(Backend):
         q_lo, q_hi = cfg.quantiles
 
         steps = _steps(batch.state_steps, device, not self.device_resident)
-        warmup = device_tables.constant(tuple(float(h.warmup_steps) for h in hypers), torch.float32, device)
-        eligible = device_tables.constant(tuple(e and k > 0 for e, k in zip(batch.eligible, numels, strict=True)),
-                                          torch.bool, device)
-        pooled = eligible & (steps + 1 > warmup)
+        tables = _step_tables(batch.workspace, batch, cfg, numels, device)
+        pooled = tables.eligible & (steps + 1 > tables.warmup)
         found = torch.zeros(1, dtype=torch.int32, device=device)
-        if batch.first_order_nonfinite is not None:
+        checked = cfg.checks_finite
+        if batch.first_order_nonfinite is not None and checked:
             found = found | torch.as_tensor(batch.first_order_nonfinite, device=device).reshape(1).to(torch.int32)
-        nan = device_tables.constant((device_tables.NAN,) * n, torch.float64, device)
-        ones = device_tables.constant((1.0,) * n, torch.float64, device)
-        mu1, mu2, lower, upper = ones, ones, nan, nan
+        ones = tables.ones
+        mu1, mu2, lower, upper = ones, ones, tables.nan, tables.nan
 
         # SCORE (+ SELECT); every gradient is read once here, which is also the finiteness check.
         if uses_second and element:
-            scales = device_tables.constant(tuple(h.scale for h in hypers), torch.float64, device)
+            scales = tables.scales
             global_pool = cfg.scope == "global"
             guesses = _guesses(batch.workspace, "second", 1 if global_pool else n, device)
             if sharding is not None:
@@ -267,10 +323,11 @@ class FusedBackend(Backend):
             else:
                 thresholds = ops.element_thresholds(batch.grads, batch.exp_avgs, scales, pooled, q_lo, q_hi,
                                                     global_pool, guesses)
-            found = torch.maximum(found, thresholds[:1, 3].to(torch.int32))
+            if checked:
+                found = torch.maximum(found, thresholds[:1, 3].to(torch.int32))
             bounds = thresholds[:, :2].expand(n, 2)
             lower, upper = bounds[:, 0], bounds[:, 1]
-        else:
+        elif uses_second or checked:  # unchecked off/first: no score needs the gradients, so no read
             given = batch.grad_sumsq
             if given is not None and given and all(v is not None for v in given):
                 # Handed over by clip_grad_norm_, which read the gradients just before: not read again.
@@ -281,12 +338,13 @@ class FusedBackend(Backend):
             if sharding is not None:  # the shards' partial sums, added up: one all-reduce
                 both = sharding.all_reduce_sum_(grad_sums if m_sums is None else torch.cat([grad_sums, m_sums]))
                 grad_sums, m_sums = (both, None) if m_sums is None else both.split(n)
-            found = torch.maximum(found, (~torch.isfinite(grad_sums).all()).to(torch.int32).reshape(1))
+            if checked:
+                found = torch.maximum(found, (~torch.isfinite(grad_sums).all()).to(torch.int32).reshape(1))
             if uses_second:
-                if not self.device_resident and bool(found[0]):
+                if checked and not self.device_resident and bool(found[0]):
                     return StepResult(nonfinite=True)
-                mu2 = self._tensor_second_order(batch, cfg, pooled, grad_sums, m_sums, device)
-        if not self.device_resident and bool(found[0]):
+                mu2 = self._tensor_second_order(cfg, tables.scales, pooled, grad_sums, m_sums)
+        if checked and not self.device_resident and bool(found[0]):
             return StepResult(nonfinite=True)
 
         first_masks: list[torch.Tensor | None] = [None] * n
@@ -301,18 +359,7 @@ class FusedBackend(Backend):
                                    if (e and r is not None) else one
                                    for r, e in zip(recorded, batch.eligible, strict=True)])
         masks = torch.stack([mu1, mu2, lower, upper], dim=1)
-
-        w_first, w_second = _WEIGHTS.get(cfg.mode, (cfg.gamma, 1.0 - cfg.gamma))
-        rows = []
-        for i, h in enumerate(hypers):
-            active = batch.eligible[i] and cfg.mode != "off"
-            rows.extend((
-                0.0, h.beta1, h.beta2, h.eps, h.weight_decay, float(h.correct_bias),  # lr: column 0, below
-                float(h.warmup_steps), w_first if active else 0.0, w_second if active else 1.0,
-                float(active and uses_second and element), h.scale,
-            ))
-        table = device_tables.constant(tuple(rows), torch.float64, device).reshape(n, len(HYPER_COLUMNS))
-        hyper = torch.cat([_lr_column(batch.workspace, hypers, device)[:, None], table[:, 1:]], dim=1)
+        hyper = torch.cat([_lr_column(batch.workspace, hypers, device)[:, None], tables.table], dim=1)
 
         out = ops.masked_adamw_(
             params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.state_steps, first_masks, hyper, masks,
@@ -320,7 +367,7 @@ class FusedBackend(Backend):
         )
         if sharding is not None:  # this shard's sums of mask values; RoseAdamW adds them up when asked
             return StepResult(nonfinite=found[0] != 0, kept=out[:, 0], exp_avg_sumsq=out[:, 1])
-        sizes = device_tables.constant(tuple(float(k) for k in numels), torch.float64, device)
+        sizes = tables.sizes
         kept = torch.where(sizes > 0, out[:, 0] / sizes, 1.0)
         return StepResult(nonfinite=found[0] != 0, kept=kept, exp_avg_sumsq=out[:, 1])
 
@@ -335,9 +382,8 @@ class FusedBackend(Backend):
         fresh = dict(zip(missing, computed, strict=True))
         return _column([fresh[i] if c is None else c for i, c in enumerate(cached)], device)
 
-    def _tensor_second_order(self, batch, cfg, pooled, grad_sums, m_sums, device) -> torch.Tensor:
+    def _tensor_second_order(self, cfg, scales, pooled, grad_sums, m_sums) -> torch.Tensor:
         """Tensor-granularity second-order masks, float64 ``[n]`` (1 where undefined or not pooled)."""
-        scales = device_tables.constant(tuple(h.scale for h in batch.hypers), torch.float64, device)
         defined = pooled & (m_sums != 0)
         scores = (scales * grad_sums.sqrt() / m_sums.sqrt() - 1.0).abs()
         q_lo, q_hi = cfg.quantiles

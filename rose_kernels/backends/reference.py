@@ -26,7 +26,7 @@ class ReferenceBackend(Backend):
         if sharding is not None:
             raise RuntimeError("the reference backend does not run on sharded (DTensor) parameters")
         scored = oracle.scored_on_host(state_steps, warmup_steps)
-        if not all(torch.isfinite(g).all() for g in kl_grads):
+        if cfg.checks_finite and not all(torch.isfinite(g).all() for g in kl_grads):
             return FirstOrderRecord(masks=[], nonfinite=True)
         units = []
         for i, (g, is_scored) in enumerate(zip(kl_grads, scored, strict=True)):
@@ -43,7 +43,7 @@ class ReferenceBackend(Backend):
     def step(self, batch: StepBatch, cfg: RoseConfig) -> StepResult:
         if batch.sharding is not None:
             raise RuntimeError("the reference backend does not run on sharded (DTensor) parameters")
-        if not all(torch.isfinite(g).all() for g in batch.grads):
+        if cfg.checks_finite and not all(torch.isfinite(g).all() for g in batch.grads):
             return StepResult(nonfinite=True)
         next_steps = [s.item() + 1 for s in batch.state_steps]
         pooled = [batch.eligible[i] and next_steps[i] > h.warmup_steps for i, h in enumerate(batch.hypers)]

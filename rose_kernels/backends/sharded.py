@@ -222,14 +222,35 @@ def dtensor_class():
     return DTensor
 
 
+# (DTensor,), or () where torch has no distributed support; resolved at the first call. A step calls
+# local() several times per parameter: one isinstance per call, no function chain (that chain was
+# ~0.3 ms of a 103-tensor step's Python).
+_DTENSOR_TYPES: tuple | None = None
+
+
+def _dtensor_types() -> tuple:
+    global _DTENSOR_TYPES
+    if _DTENSOR_TYPES is None:
+        dtensor = dtensor_class()
+        _DTENSOR_TYPES = (dtensor,) if dtensor is not None else ()
+    return _DTENSOR_TYPES
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (the same storage: in-place writes reach the DTensor); else itself."""
-    return tensor.to_local() if _is_dtensor(tensor) else tensor
+    return tensor.to_local() if isinstance(tensor, _DTENSOR_TYPES or _dtensor_types()) else tensor
+
+
+def local_all(tensors) -> list[torch.Tensor]:
+    """``[local(t) for t in tensors]``, with one lookup."""
+    types = _DTENSOR_TYPES or _dtensor_types()
+    if not types:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, types) else t for t in tensors]
 
 
 def _is_dtensor(tensor) -> bool:
-    dtensor = dtensor_class()
-    return dtensor is not None and isinstance(tensor, dtensor)
+    return isinstance(tensor, _DTENSOR_TYPES or _dtensor_types())
 
 
 def sharding_of(params: list[torch.Tensor]) -> ShardedStep | None:

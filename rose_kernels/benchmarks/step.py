@@ -40,7 +40,18 @@ RESULTS = REPO / "bench" / "results"
 # ROSE released settings.
 HYPER = dict(lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
 ROSE_INTERVAL = dict(lower=0.0, upper=60.0)
-WARMUP_STEPS = 2
+# Warm-up steps before timing: the momentum's distribution, and with it the second-order scores',
+# settles over ~1 / (1 - beta1) steps from zero (SELECT's guessed windows then follow a drifting
+# threshold). The reference backend keeps no guesses: two steps.
+WARMUP_STEPS = 30
+REFERENCE_WARMUP_STEPS = 2
+# Gradients change every step, as in training: i.i.d. standard normal views into a pool of 2 x 4 B
+# per parameter (Layout.use_gradient_set), new values for every element at every step. With fixed
+# gradients the second-order scores |c g / m - 1| collapse step after step (m converges to g, so
+# kept scores tie at |c - 1|) and with a few sets used in turn they swing with the set's phase:
+# either way the thresholds jump every step and SELECT's guessed windows never hold, a selection
+# no training run sees. Fresh gradients keep the scores' distribution stationary after warm-up.
+POOL_OFFSETS = 61  # distinct views before they repeat (the momentum forgets in ~10 steps)
 
 # -- layouts -------------------------------------------------------------------------------------
 
@@ -108,8 +119,10 @@ class Layout:
     name: str
     names: list[str]
     params: list[torch.Tensor]
-    grads: list[torch.Tensor]
-    kl_grads: list[torch.Tensor]
+    grads: list[torch.Tensor]      # this step's task gradients
+    kl_grads: list[torch.Tensor]   # this step's KL gradients
+    gradient_pool: torch.Tensor | None = None  # fresh gradients: views into it (use_gradient_set)
+    pool_starts: list[int] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -136,14 +149,34 @@ class Layout:
             groups.append(group)
         return groups
 
+    def use_gradient_set(self, step: int) -> None:
+        """With a gradient pool: makes this step's task and KL gradients views of it at an offset of
+        their own (no copy). Offsets advance by a 64-byte multiple per step and repeat only after
+        POOL_OFFSETS steps, so every element sees a new i.i.d. value each step; the KL view lies half
+        the pool away from the task view."""
+        if self.gradient_pool is None:
+            return
+        span = self.gradient_pool.numel() // 2  # views start in [0, span); each covers <= span
+        stride = -(-span // (POOL_OFFSETS * 16)) * 16
+        offset = (step % POOL_OFFSETS) * stride
+        kl_offset = (offset + span // 32 * 16) % span
+        self.grads = self._views(offset)
+        self.kl_grads = self._views(kl_offset)
+
+    def _views(self, offset: int) -> list[torch.Tensor]:
+        pool = self.gradient_pool
+        return [pool[offset + start: offset + start + p.numel()].view(p.shape)
+                for p, start in zip(self.params, self.pool_starts, strict=True)]
+
     def set_grads(self, grads: list[torch.Tensor]) -> None:
         """Points every ``.grad`` at ``grads`` (no copy)."""
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
 
 
-def build_layout(name: str, seed: int = 0) -> Layout:
-    """Parameters, task gradients and KL gradients: float32, standard normal, fixed."""
+def build_layout(name: str, seed: int = 0, fresh_gradients: bool = False) -> Layout:
+    """Parameters, task gradients and KL gradients: float32, standard normal. Fixed gradients by
+    default; ``fresh_gradients``: new ones every step (views into a pool, Layout.use_gradient_set)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = layout_shapes(name)
 
@@ -151,10 +184,19 @@ def build_layout(name: str, seed: int = 0) -> Layout:
         return torch.randn(shape, generator=gen, dtype=torch.float32)
 
     params = [randn(s).mul_(0.02).requires_grad_(True) for _, s in shapes]
-    grads = [randn(s) for _, s in shapes]
-    kl_grads = [randn(s) for _, s in shapes]
-    layout = Layout(name, [n for n, _ in shapes], params, grads, kl_grads)
-    layout.set_grads(grads)
+    names = [n for n, _ in shapes]
+    if not fresh_gradients:
+        layout = Layout(name, names, params, [randn(s) for _, s in shapes], [randn(s) for _, s in shapes])
+    else:
+        # Every view starts on a 64-byte boundary, as a fresh gradient would (same vector alignment).
+        starts, total = [], 0
+        for p in params:
+            starts.append(total)
+            total += -(-p.numel() // 16) * 16
+        pool = randn(2 * total)
+        layout = Layout(name, names, params, [], [], pool, starts)
+        layout.use_gradient_set(0)
+    layout.set_grads(layout.grads)
     return layout
 
 
@@ -209,10 +251,10 @@ class Config:
         return BYTE_MODELS[key]
 
 
-def _rose(backend: str, mode: str, granularity: str) -> Callable[[Layout], object]:
+def _rose(backend: str, mode: str, granularity: str, **options) -> Callable[[Layout], object]:
     def make(layout: Layout):
         return RoseAdamW(layout.groups(with_rose_key=True), **HYPER, mode=mode, granularity=granularity,
-                         scope="tensor", backend=backend, **ROSE_INTERVAL)
+                         scope="tensor", backend=backend, **ROSE_INTERVAL, **options)
     return make
 
 
@@ -224,6 +266,9 @@ def make_configs(layout_name: str, rounds: int, reference_rounds: int, reference
         Config("torch AdamW foreach", "torch",
                factory=lambda lay: torch.optim.AdamW(lay.groups(with_rose_key=False), **HYPER, foreach=True)),
         Config("rose cpu off", "rose-cpu", factory=_rose("cpu", "off", "tensor")),
+        # torch's own contract (no look at the gradients): the finiteness read of `off` saved.
+        Config("rose cpu off unchecked", "rose-cpu", factory=_rose("cpu", "off", "tensor", nonfinite="unchecked"),
+               note='nonfinite="unchecked"'),
     ]
     for mode in ("second", "first", "ensemble"):
         for gran in ("tensor", "element"):
@@ -244,12 +289,13 @@ def make_configs(layout_name: str, rounds: int, reference_rounds: int, reference
 
 # -- timing --------------------------------------------------------------------------------------
 
-def _one_step(opt, layout: Layout, first_order: bool) -> tuple[float, float]:
-    """One timed step; returns (step seconds, record_first_order seconds or nan).
+def _one_step(opt, layout: Layout, first_order: bool, step: int) -> tuple[float, float]:
+    """Step ``step`` (its gradient set), timed; returns (step seconds, record_first_order seconds or nan).
 
     First-order modes: the KL gradients are put in ``.grad`` (untimed; a KL backward would do it),
     then record_first_order() + pointing ``.grad`` back at the task gradients + step() are timed.
     """
+    layout.use_gradient_set(step)
     if not first_order:
         layout.set_grads(layout.grads)
         t0 = time.perf_counter()
@@ -291,7 +337,7 @@ def bench_layout(layout_name: str, rounds: int, reference_rounds: int, reference
                  with_reference: bool = True, log: Callable[[str], None] = print) -> dict:
     t_start = time.perf_counter()
     load_before = _loadavg()
-    layout = build_layout(layout_name)
+    layout = build_layout(layout_name, fresh_gradients=True)
     n, n_elig = layout.numel, layout.eligible_numel
     log(f"[{layout_name}] {n:,} params ({n_elig:,} eligible) in {len(layout.params)} tensors; "
         f"building optimizers + {WARMUP_STEPS} warm-up steps each")
@@ -306,8 +352,9 @@ def bench_layout(layout_name: str, rounds: int, reference_rounds: int, reference
             continue
         t0 = time.perf_counter()
         opt = cfg.factory(layout)
-        for _ in range(WARMUP_STEPS):
-            _one_step(opt, layout, cfg.first_order)
+        warmup = REFERENCE_WARMUP_STEPS if cfg.family == "rose-reference" else WARMUP_STEPS
+        for step in range(WARMUP_STEPS - warmup, WARMUP_STEPS):
+            _one_step(opt, layout, cfg.first_order, step)
         opts[cfg.name] = opt
         log(f"  {cfg.name}: warm ({time.perf_counter() - t0:.1f} s, peak RSS {_peak_rss_gib():.1f} GiB)")
     for r in range(rounds):
@@ -322,7 +369,7 @@ def bench_layout(layout_name: str, rounds: int, reference_rounds: int, reference
                 dst.copy_(src)
                 cfg.times.append(time.perf_counter() - t0)
             else:
-                step_s, record_s = _one_step(opts[cfg.name], layout, cfg.first_order)
+                step_s, record_s = _one_step(opts[cfg.name], layout, cfg.first_order, WARMUP_STEPS + r)
                 cfg.times.append(step_s)
                 if cfg.first_order:
                     cfg.record_times.append(record_s)
@@ -452,8 +499,9 @@ def to_markdown(report: dict) -> str:
         f"- hyper-parameters: lr={HYPER['lr']}, betas={HYPER['betas']}, eps={HYPER['eps']}, "
         f"weight_decay={HYPER['weight_decay']} (0 for biases and LayerNorm), "
         f"lower={ROSE_INTERVAL['lower']:g}, upper={ROSE_INTERVAL['upper']:g}, scope=tensor; float32 "
-        "parameters, gradients i.i.d. standard normal and fixed across steps; every optimizer warmed up with "
-        f"{WARMUP_STEPS} steps; configurations timed round-robin in one process",
+        "parameters; gradients i.i.d. standard normal and new at every step (views into a pool at a moving "
+        "offset, the same sequence for every optimizer); every optimizer warmed up with "
+        f"{WARMUP_STEPS} steps (the reference backend {REFERENCE_WARMUP_STEPS}); configurations timed round-robin in one process",
         "- first/ensemble: the timed step is `record_first_order()` + pointing `.grad` back at the task "
         "gradients (no copy) + `step()`; `record_first_order()` alone is in the second table",
         f"- reference backend: {report['reference_note']}",

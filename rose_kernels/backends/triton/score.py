@@ -84,6 +84,11 @@ def _numels(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 def sumsq(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Per-tensor sums of squares in float64; a non-finite value makes its tensor's sum non-finite."""
     device = tensors[0].device
+    with tables.device_guard(device):  # launches go to the current device, not to the tensors'
+        return _sumsq(tensors, device)
+
+
+def _sumsq(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
     for dtype, index in tables.by_dtype(tensors).items():
         group = [tensors[i] for i in index]
@@ -113,6 +118,12 @@ def first_order_mask_(grads: list[torch.Tensor], bounds: torch.Tensor, masks: li
     """Writes ``lo <= |g| <= hi`` as one bit per element (element ``i``: byte ``i // 8``, bit
     ``i % 8``); ``bounds`` is float64 ``[n, 2]`` on the device. Returns the kept count per tensor."""
     device = grads[0].device
+    with tables.device_guard(device):  # launches go to the current device, not to the tensors'
+        return _first_order_mask(grads, bounds, masks, device)
+
+
+def _first_order_mask(grads: list[torch.Tensor], bounds: torch.Tensor, masks: list[torch.Tensor],
+                      device: torch.device) -> torch.Tensor:
     if bounds.shape != (len(grads), 2) or bounds.dtype != torch.float64:
         raise ValueError(f"bounds must be float64 of shape ({len(grads)}, 2), got {bounds.dtype} {tuple(bounds.shape)}")
     for g, m in zip(grads, masks, strict=True):

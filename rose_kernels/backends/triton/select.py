@@ -261,6 +261,11 @@ def element_thresholds(
     to the next call: when they still hold the answer, which is the rule from one optimizer step
     to the next, the pool is read once instead of four times. Results never depend on it."""
     device = a[0].device
+    with tables.device_guard(device):  # launches go to the current device, not to the tensors'
+        return _element_thresholds(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses, strategy, device)
+
+
+def _element_thresholds(a, b, scales, pooled, q_lo, q_hi, global_pool, guesses, strategy, device):
     n_tensors = len(a)
     second = len(b) > 0
     if second and len(b) != n_tensors:

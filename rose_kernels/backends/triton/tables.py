@@ -28,6 +28,7 @@ from rose_kernels.backends.device_tables import (  # noqa: F401  (re-exported fo
     NAN,
     capturing,
     constant,
+    device_guard,
     hold,
     keep_alive,
     to_device,

@@ -126,8 +126,15 @@ def masked_adamw_(
     ``found``: int32 ``[1]``; ``element``: whether any tensor has a per-element mask. Returns float64
     ``[n, 2]``: the sum of mask values and the sum of squares of the new ``exp_avg`` per tensor.
     """
-    n = len(params)
     device = params[0].device
+    with tables.device_guard(device):  # launches go to the current device, not to the tensors'
+        return _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, hyper, masks, found,
+                             element, device)
+
+
+def _masked_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, first_masks, hyper, masks, found, element,
+                  device) -> torch.Tensor:
+    n = len(params)
     shapes_ok = hyper.shape == (n, _H) and masks.shape == (n, len(MASK_COLUMNS))
     if not shapes_ok or hyper.dtype != torch.float64 or masks.dtype != torch.float64:
         raise ValueError(f"masked_adamw_: hyper must be float64 [{n}, {_H}] and masks float64 [{n}, 4]")
