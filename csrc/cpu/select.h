@@ -741,9 +741,19 @@ void write_window(Bracket<opmath_t>& br, int64_t n, int64_t k, int64_t k1, int64
   if (!br.overflow) {
     const opmath_t width = br.high - br.low;  // +inf when the bracket is open above
     const int64_t lo_rank = std::max<int64_t>(0, k - w), hi_rank = std::min<int64_t>(n - 1, k1 + w);
+    // Past the bracket's ends the values are unknown: go out by twice the missing ranks at the
+    // bracket's own density (ranks per unit of value), at most one bracket width. Going out by a
+    // whole width every time made windows double from step to step while they held.
+    const int64_t held = br.at_low + static_cast<int64_t>(br.inside.size()) + br.at_high;
+    auto reach = [&](int64_t missing) -> opmath_t {
+      if (!std::isfinite(width) || held <= 1) return width;
+      return std::min(width, width * static_cast<opmath_t>(2.0 * static_cast<double>(missing) / static_cast<double>(held)));
+    };
     if (!value_in_bracket(br, lo_rank, low))
-      low = lo_rank < br.below ? (std::isfinite(width) ? std::max(opmath_t(0), br.low - width) : br.low) : x_k;
-    if (!value_in_bracket(br, hi_rank, high)) high = hi_rank >= br.below ? br.high + width : x_k1;
+      low = lo_rank < br.below ? (std::isfinite(width) ? std::max(opmath_t(0), br.low - reach(br.below - lo_rank)) : br.low)
+                               : x_k;
+    if (!value_in_bracket(br, hi_rank, high))
+      high = hi_rank >= br.below ? br.high + reach(hi_rank - (br.below + held) + 1) : x_k1;
     if (!(high <= inf)) high = inf;  // NaN from inf - inf: open above
   }
   low = std::min(low, x_k);
@@ -874,11 +884,20 @@ void select_pool(const std::vector<PoolPart>& parts, double q_lo, double q_hi,
           // left on its nearer side (a side clipped at rank 0 or n - 1 has no say).
           const int64_t first = used[t].first, end = used[t].first + used[t].second;
           span = used[t].second;
-          const int64_t half = std::max<int64_t>(0, (span - 1 - (k1 - p.k)) / 2);
+          // Two readings: the room the nearer side lost against the least half-width a window is
+          // written with; and, where both sides kept at least that much (neither was extended
+          // past a bracket's end, where the window is lopsided by construction), how far the rank
+          // sits off the window's centre. Reading a lopsided window's own half-width as the
+          // reference made windows double from step to step while they held.
+          const int64_t least = window_half_width(n, bracketed[t], 0, false, 0);
+          const int64_t half = std::min<int64_t>(std::max<int64_t>(0, (span - 1 - (k1 - p.k)) / 2), least);
+          const int64_t left = p.k - first, right = end - 1 - k1;
           int64_t room = std::numeric_limits<int64_t>::max();
-          if (first > 0) room = std::min(room, p.k - first);
-          if (end < n) room = std::min(room, end - 1 - k1);
+          if (first > 0) room = std::min(room, left);
+          if (end < n) room = std::min(room, right);
           if (room != std::numeric_limits<int64_t>::max()) drift = std::max<int64_t>(0, half - room);
+          if (first > 0 && end < n && left >= least && right >= least)
+            drift = std::max<int64_t>(drift, std::abs(left - right) / 2);
         }
         const int64_t w = window_half_width(n, bracketed[t], drift, missed || used.empty(), span);
         write_window(brackets[t], n, p.k, k1, w, value_at(p.k), value_at(k1), guess + column[t]);

@@ -501,7 +501,8 @@ def to_markdown(report: dict) -> str:
         f"lower={ROSE_INTERVAL['lower']:g}, upper={ROSE_INTERVAL['upper']:g}, scope=tensor; float32 "
         "parameters; gradients i.i.d. standard normal and new at every step (views into a pool at a moving "
         "offset, the same sequence for every optimizer); every optimizer warmed up with "
-        f"{WARMUP_STEPS} steps (the reference backend {REFERENCE_WARMUP_STEPS}); configurations timed round-robin in one process",
+        f"{WARMUP_STEPS} steps (the reference backend {REFERENCE_WARMUP_STEPS}); configurations timed round-robin "
+        "in one process",
         "- first/ensemble: the timed step is `record_first_order()` + pointing `.grad` back at the task "
         "gradients (no copy) + `step()`; `record_first_order()` alone is in the second table",
         f"- reference backend: {report['reference_note']}",
