@@ -549,8 +549,11 @@ def test_element_thresholds_scales_checked_only_where_used(seed):
 @pytest.mark.parametrize("global_pool", [False, True], ids=["per_tensor", "global"])
 @pytest.mark.parametrize("strategy", [ops.SELECT_AUTO, ops.SELECT_RADIX], ids=["auto", "radix"])
 def test_element_thresholds_accepts_guesses_and_leaves_them(seed, global_pool, strategy):
-    """guesses of the right shape are accepted; the CPU needs no hints: it neither reads (the result
-    is that of a call without guesses, whatever they hold) nor writes them."""
+    """guesses of the right shape are accepted and never change a result: whatever they hold, the
+    thresholds are those of a call without guesses. The CPU writes the next call's windows into the
+    rows of the pools it computed by a window route (the 40,000-score pool; a 100-score pool is
+    gathered whole and needs none), leaves the other rows (a tensor outside every pool), and under
+    SELECT_RADIX, which takes no hints, neither reads nor writes them."""
     gen = torch.Generator().manual_seed(seed)
     a = [torch.randn(n, dtype=torch.float64, generator=gen).float() for n in (100, 40_000, 3)]
     b = [torch.randn(x.numel(), generator=gen) for x in a]
@@ -558,6 +561,7 @@ def test_element_thresholds_accepts_guesses_and_leaves_them(seed, global_pool, s
     pooled = torch.tensor([True, True, False])
     pools = 1 if global_pool else len(a)
     want = ops.element_thresholds(a, b, scales, pooled, 0.3, 0.6, global_pool, None, strategy)
+    windowed = [0] if global_pool else [1]
     for guesses in (
         torch.zeros(pools, ops.GUESS_RANKS, dtype=torch.int64),
         torch.randint(-(2**40), 2**40, (pools, ops.GUESS_RANKS), dtype=torch.int64, generator=gen),
@@ -565,10 +569,20 @@ def test_element_thresholds_accepts_guesses_and_leaves_them(seed, global_pool, s
     ):
         before = guesses.clone()
         got = ops.element_thresholds(a, b, scales, pooled, 0.3, 0.6, global_pool, guesses, strategy)
-        assert torch.equal(guesses, before), f"seed={seed}: guesses changed: {before.tolist()} -> {guesses.tolist()}"
-        assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)), (
+        # Columns 0-3 are the result; column 4 (full reads) reports the route taken.
+        assert torch.equal(got[:, :4].nan_to_num(-1.0), want[:, :4].nan_to_num(-1.0)), (
             f"seed={seed} guesses={before.tolist()}: {got.tolist()} vs {want.tolist()}"
         )
+        if strategy == ops.SELECT_RADIX:
+            assert torch.equal(guesses, before), f"seed={seed}: radix wrote guesses: {guesses.tolist()}"
+            continue
+        if not global_pool:
+            assert torch.equal(guesses[2], before[2]), f"seed={seed}: the unpooled row changed: {guesses.tolist()}"
+        for row in windowed:
+            assert not torch.equal(guesses[row], before[row]), f"seed={seed}: no window written: {guesses.tolist()}"
+        again = ops.element_thresholds(a, b, scales, pooled, 0.3, 0.6, global_pool, guesses, strategy)
+        assert torch.equal(again[:, :4].nan_to_num(-1.0), want[:, :4].nan_to_num(-1.0)), f"seed={seed}: own windows"
+        assert (again[windowed, 4] == 1.0).all(), f"seed={seed}: own windows did not hold: {again[:, 4].tolist()}"
 
 
 def _fm(grads=None, bounds=None, masks=None):
