@@ -601,13 +601,21 @@ def main(argv=None) -> dict:
     save()
     started = time.perf_counter()
     try:
-        for layout in layouts:
+        def select():
+            if args.select_elements > 0:
+                run_select(int(args.select_elements), args.rounds, device, backends, args.memory_budget_gib, report,
+                           save)
+            else:
+                report["skipped"].append("select: --select-elements 0")
+
+        # SELECT right after the first layout: the largest layout comes last, so that a stage cut
+        # at its cap loses the rows of that layout only, not SELECT too.
+        for i, layout in enumerate(layouts):
             bench_layout(layout, timed, args.rounds, device, args.memory_budget_gib, report, save)
-        if args.select_elements > 0:
-            run_select(int(args.select_elements), args.rounds, device, backends, args.memory_budget_gib, report,
-                       save)
-        else:
-            report["skipped"].append("select: --select-elements 0")
+            if i == 0:
+                select()
+        if not layouts:
+            select()
     except BaseException as error:  # the rows so far stay, marked as such; then it goes on up
         if isinstance(error, Terminated):
             report["state"] = "interrupted (SIGTERM)"
