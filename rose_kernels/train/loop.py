@@ -118,7 +118,12 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print, progress: boo
     metrics; the other ranks return ``{}``."""
     parallel = Parallel.start(cfg.distributed, cfg.device)
     try:
-        return _train(cfg, parallel, log if parallel.main else (lambda _: None), progress and parallel.main)
+        metrics = _train(cfg, parallel, log if parallel.main else (lambda _: None), progress and parallel.main)
+        # Every rank tears its group down together: a gloo rank that destroyed its group while
+        # rank 0 still wrote the model and metrics was seen to abort ("terminate called without
+        # an active exception"). Not on an error: the other ranks may never get here.
+        parallel.barrier()
+        return metrics
     finally:
         parallel.close()
 
