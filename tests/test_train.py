@@ -679,3 +679,22 @@ def test_compare_trains_every_mode_and_seed_and_resumes_run_by_run(tiny_model, f
     code, _, err = run_cli(cli.train_main, [*args[:-4], "--compare", "off,sideways", "--output-dir",
                                             str(tmp_path / "bad")], capsys)
     assert code == 2 and "--compare takes" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_removes_the_temporaries_of_a_killed_write(tmp_path):
+    """A process killed inside atomic_save leaves `.checkpoint.pt.tmp-<pid>`: --resume removes
+    those of processes that are gone and leaves those of live ones (another rank's)."""
+    from rose_kernels.train.checkpoint import _remove_stale_temporaries
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".checkpoint.pt.tmp-{gone.pid}"
+    live = tmp_path / f".checkpoint.pt.tmp-{os.getppid()}"
+    mine = tmp_path / f".metrics.json.tmp-{os.getpid()}"
+    other = tmp_path / ".notes.tmp-abc"
+    for f in (stale, live, mine, other):
+        f.write_bytes(b"partial")
+    said = []
+    _remove_stale_temporaries(tmp_path, said.append)
+    assert not stale.exists() and live.exists() and mine.exists() and other.exists()
+    assert said == [f"removed {stale.name}, left by an interrupted write"]

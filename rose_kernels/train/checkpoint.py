@@ -141,8 +141,31 @@ def open_run(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[TrainConfig,
     if checkpoint_format(cfg.distributed) != checkpoint_format(saved_kind):
         raise TrainError(f"--resume: the run was saved with --distributed {saved_kind}; resume it with "
                          f"--distributed {'fsdp' if saved_kind == 'fsdp' else 'none or ddp'}")
+    _remove_stale_temporaries(out, log)
     log(f"resuming {out} at step {saved['step']} (the run's own options are used)")
     return cfg, saved
+
+
+def _remove_stale_temporaries(out: Path, log: Callable[[str], None]) -> None:
+    """Removes the temporary files (``.<name>.tmp-<pid>``) that a process killed inside
+    :func:`atomic_save` or :func:`atomic_write_text` left behind: a checkpoint's worth of disk each.
+    Only those whose process is gone (another rank of this run may be writing its own)."""
+    for tmp in out.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        log(f"removed {tmp.name}, left by an interrupted write")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_checkpoint(cfg: TrainConfig, state: RunState, parallel: Parallel, device: torch.device) -> None:
