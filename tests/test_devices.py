@@ -264,7 +264,8 @@ def test_every_triton_op_guards_its_device_once(seed, monkeypatch):
     from rose_kernels.backends.triton import TRITON_OPS, tables
 
     if torch.cuda.is_available() and not tables.on_host():
-        pytest.skip("the ops run here on CPU tensors (interpreted); the GPU case is the multi-GPU test below")
+        pytest.skip("spies on interpreted launches on CPU tensors; with a GPU the guard is checked by "
+                    "test_parameters_on_another_gpu_match_the_reference (two GPUs)")
     spy = _GuardSpy(monkeypatch, tables)
     calls = _op_calls(torch.Generator().manual_seed(seed))
     assert set(calls) == set(vars(TRITON_OPS)), "an op of TRITON_OPS has no case here"
@@ -279,7 +280,8 @@ def test_an_interpreted_step_guards_every_launch(seed, granularity, monkeypatch)
     from rose_kernels.backends.triton import tables
 
     if torch.cuda.is_available() and not tables.on_host():
-        pytest.skip("an interpreted step on CPU tensors")
+        pytest.skip("spies on interpreted launches on CPU tensors; with a GPU the guard is checked by "
+                    "test_parameters_on_another_gpu_match_the_reference (two GPUs)")
     gen = torch.Generator().manual_seed(seed)
     params = [randn(s, torch.float32, gen) for s in [(5,), (1500,), (3,)]]
     opt = RoseAdamW([{"params": params[:2]}, {"params": params[2:], "rose": False}], backend="triton",

@@ -46,7 +46,7 @@ ROSE_INTERVAL = dict(lower=0.0, upper=60.0)
 WARMUP_STEPS = 30
 REFERENCE_WARMUP_STEPS = 2
 # Gradients change every step, as in training: i.i.d. standard normal views into a pool of 2 x 4 B
-# per parameter (Layout.use_gradient_set), new values for every element at every step. With fixed
+# per parameter (Layout.use_step_gradients), new values for every element at every step. With fixed
 # gradients the second-order scores |c g / m - 1| collapse step after step (m converges to g, so
 # kept scores tie at |c - 1|) and with a few sets used in turn they swing with the set's phase:
 # either way the thresholds jump every step and SELECT's guessed windows never hold, a selection
@@ -121,7 +121,7 @@ class Layout:
     params: list[torch.Tensor]
     grads: list[torch.Tensor]      # this step's task gradients
     kl_grads: list[torch.Tensor]   # this step's KL gradients
-    gradient_pool: torch.Tensor | None = None  # fresh gradients: views into it (use_gradient_set)
+    gradient_pool: torch.Tensor | None = None  # fresh gradients: views into it (use_step_gradients)
     pool_starts: list[int] = field(default_factory=list)
 
     @property
@@ -149,7 +149,7 @@ class Layout:
             groups.append(group)
         return groups
 
-    def use_gradient_set(self, step: int) -> None:
+    def use_step_gradients(self, step: int) -> None:
         """With a gradient pool: makes this step's task and KL gradients views of it at an offset of
         their own (no copy). Offsets advance by a 64-byte multiple per step and repeat only after
         POOL_OFFSETS steps, so every element sees a new i.i.d. value each step; the KL view lies half
@@ -158,8 +158,8 @@ class Layout:
             return
         span = self.gradient_pool.numel() // 2  # views start in [0, span); each covers <= span
         stride = -(-span // (POOL_OFFSETS * 16)) * 16
-        offset = (step % POOL_OFFSETS) * stride
-        kl_offset = (offset + span // 32 * 16) % span
+        offset = (step % POOL_OFFSETS) * stride % span  # (the modulo: tiny layouts round up past span)
+        kl_offset = (offset + span // 2 // 16 * 16) % span
         self.grads = self._views(offset)
         self.kl_grads = self._views(kl_offset)
 
@@ -176,7 +176,7 @@ class Layout:
 
 def build_layout(name: str, seed: int = 0, fresh_gradients: bool = False) -> Layout:
     """Parameters, task gradients and KL gradients: float32, standard normal. Fixed gradients by
-    default; ``fresh_gradients``: new ones every step (views into a pool, Layout.use_gradient_set)."""
+    default; ``fresh_gradients``: new ones every step (views into a pool, Layout.use_step_gradients)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = layout_shapes(name)
 
@@ -195,7 +195,7 @@ def build_layout(name: str, seed: int = 0, fresh_gradients: bool = False) -> Lay
             total += -(-p.numel() // 16) * 16
         pool = randn(2 * total)
         layout = Layout(name, names, params, [], [], pool, starts)
-        layout.use_gradient_set(0)
+        layout.use_step_gradients(0)
     layout.set_grads(layout.grads)
     return layout
 
@@ -295,7 +295,7 @@ def _one_step(opt, layout: Layout, first_order: bool, step: int) -> tuple[float,
     First-order modes: the KL gradients are put in ``.grad`` (untimed; a KL backward would do it),
     then record_first_order() + pointing ``.grad`` back at the task gradients + step() are timed.
     """
-    layout.use_gradient_set(step)
+    layout.use_step_gradients(step)
     if not first_order:
         layout.set_grads(layout.grads)
         t0 = time.perf_counter()
